@@ -1,0 +1,1 @@
+"""What every Smart Tuner service shares: settings, logging, success indicators."""

@@ -1,0 +1,64 @@
+"""The plan's success indicators and red flags: thresholds named once for every service.
+
+The trainer's final summary, the tuner's rules, the alert rules and the Telegram report
+all read these numbers from here, so "met" means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+# Success indicators (plan-ru.md, "КРИТИЧЕСКИЕ ИНДИКАТОРЫ УСПЕХА").
+GRAD_NORM_OK = 10.0
+DIAGONALITY_OK = 0.7
+MAX_RESTARTS_OK = 0
+LOSS_OK = 1.0
+QUALITY_OK = 80.0
+
+# Red flags (plan-ru.md, "RED FLAGS").
+GRAD_NORM_RED_FLAG = 100.0
+DIAGONALITY_RED_FLAG = 0.1
+CONSECUTIVE_RESTARTS_RED_FLAG = 3
+LOSS_PLATEAU_STEPS_RED_FLAG = 1000
+
+
+class Indicator(BaseModel):
+    """One success indicator: its value, the threshold it is held to, and whether it is met."""
+
+    name: str
+    value: float
+    threshold: float
+    comparison: str
+    met: bool
+
+    def describe(self) -> str:
+        """One human line, e.g. ``[x] grad norm (pre-clip) 3.21 < 10``."""
+        mark = "x" if self.met else " "
+        return f"[{mark}] {self.name} {self.value:.4g} {self.comparison} {self.threshold:g}"
+
+
+def evaluate_indicators(
+    grad_norm: float, diagonality: float, restarts: int, loss: float, quality: float
+) -> list[Indicator]:
+    """Check the five success indicators.
+
+    ``grad_norm`` must be measured before clipping, ``loss`` is the validation loss the
+    model optimises (mel + postnet mel + gate), ``quality`` is a percentage.
+    """
+    return [
+        Indicator(name="grad norm (pre-clip)", value=grad_norm, threshold=GRAD_NORM_OK,
+                  comparison="<", met=grad_norm < GRAD_NORM_OK),
+        Indicator(name="diagonality", value=diagonality, threshold=DIAGONALITY_OK,
+                  comparison=">", met=diagonality > DIAGONALITY_OK),
+        Indicator(name="restarts", value=float(restarts), threshold=float(MAX_RESTARTS_OK),
+                  comparison="<=", met=restarts <= MAX_RESTARTS_OK),
+        Indicator(name="loss", value=loss, threshold=LOSS_OK, comparison="<",
+                  met=loss < LOSS_OK),
+        Indicator(name="quality %", value=quality, threshold=QUALITY_OK, comparison=">",
+                  met=quality > QUALITY_OK),
+    ]
+
+
+def all_met(indicators: list[Indicator]) -> bool:
+    """True when every indicator is met."""
+    return all(indicator.met for indicator in indicators)

@@ -1,0 +1,1 @@
+"""Tacotron2 trainer: data, model, losses, optimisation, checkpoints and the training loop."""
