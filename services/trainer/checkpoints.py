@@ -1,0 +1,394 @@
+"""Checkpoints of a run: atomic writes, integrity checks, pruning, resume and roll-back.
+
+A checkpoint is written to a temporary file in the run directory, fsynced and renamed into
+place, so a crash leaves the old set plus at most one complete new file, never half a
+checkpoint under a final name. The manifest ``checkpoints.json`` records each file's sha256
+and size; loading checks them and falls back to an older checkpoint when one is damaged.
+Pruning keeps the newest ``keep_last`` files and always the newest healthy one, the
+roll-back target when training diverges.
+
+One manager writes to a directory at a time: construction removes leftover temp files,
+which would include those of another live writer, and the manifest is read only then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "checkpoints.json"
+MANIFEST_VERSION = 1
+TMP_SUFFIX = ".tmp"
+_CHECKPOINT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint of ``step``, e.g. ``ckpt-00001200.pt``."""
+    return f"ckpt-{step:08d}.pt"
+
+
+def _step_of(name: str) -> int | None:
+    # Only names this module writes count: ``ckpt-000000001.pt`` would parse to step 1 but
+    # is not the name of step 1, and pruning must never touch a file it did not name.
+    match = _CHECKPOINT_RE.match(name)
+    if match is None:
+        return None
+    step = int(match.group(1))
+    return step if checkpoint_name(step) == name else None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be trusted; the message says why."""
+
+
+class CheckpointInfo(BaseModel):
+    """One manifest entry: which file, its step, its integrity record and its health."""
+
+    # An unhealthy checkpoint is typically one with a NaN loss: keep NaN/inf in the JSON
+    # instead of pydantic's default null, which would not validate back as a float.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    file: str
+    step: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    healthy: bool
+    metrics: dict[str, float] = Field(default_factory=dict)
+    created: datetime
+
+
+class _Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    version: int = MANIFEST_VERSION
+    checkpoints: list[CheckpointInfo] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> _Manifest:
+        if self.version != MANIFEST_VERSION:
+            raise ValueError(f"unknown manifest version {self.version}")
+        steps = [entry.step for entry in self.checkpoints]
+        if len(set(steps)) != len(steps):
+            raise ValueError("duplicate steps")
+        for entry in self.checkpoints:
+            # Pruning deletes the files the manifest names: a name other than our own
+            # (``../something``) must never get that far.
+            if entry.file != checkpoint_name(entry.step):
+                raise ValueError(f"entry {entry.file!r} does not match step {entry.step}")
+        return self
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint that passed validation: its manifest entry and the loaded state."""
+
+    info: CheckpointInfo
+    state: dict[str, Any]
+
+
+def _digest(path: Path) -> tuple[str, int]:
+    sha = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK_BYTES):
+            sha.update(chunk)
+            size += len(chunk)
+    return sha.hexdigest(), size
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable. Windows cannot open a directory; there the rename
+    # is as durable as NTFS makes it.
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> tuple[str, int]:
+    """Write via a temp file in the same directory, fsync, rename; returns (sha256, size)."""
+    # Same directory, so os.replace is a rename within one file system and atomic. O_EXCL
+    # with 0o666 honours the umask, unlike mkstemp's 0o600, so other services can read.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        record = _digest(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return record
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _validate(path: Path, info: CheckpointInfo) -> dict[str, Any]:
+    """Load ``path`` after checking it against ``info``; raises CheckpointError saying why."""
+    if not path.is_file():
+        raise CheckpointError("missing")
+    size = path.stat().st_size
+    if size < info.size:
+        raise CheckpointError(f"truncated: {size} of {info.size} bytes")
+    if size > info.size:
+        raise CheckpointError(f"size mismatch: {size} bytes, manifest says {info.size}")
+    if _digest(path)[0] != info.sha256:
+        raise CheckpointError("sha256 mismatch")
+    try:
+        # weights_only=False: the state holds optimizer, config and RNG objects, and these
+        # files are this run's own, written by save().
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a damaged file can fail in the zip, pickle or tensor layer
+        raise CheckpointError(f"unreadable: {_first_line(exc)}") from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError("not a checkpoint: expected a dict with a 'step' key")
+    return state
+
+
+def _kept_steps(healthy_by_step: dict[int, bool], keep_last: int) -> set[int]:
+    """The newest ``keep_last`` steps plus the newest healthy one (the roll-back target)."""
+    newest_first = sorted(healthy_by_step, reverse=True)
+    kept = set(newest_first[:keep_last])
+    last_good = next((step for step in newest_first if healthy_by_step[step]), None)
+    if last_good is not None:
+        kept.add(last_good)
+    return kept
+
+
+class CheckpointManager:
+    """Atomic, verified, pruned checkpoints ``ckpt-{step:08d}.pt`` in one run directory."""
+
+    def __init__(self, directory: Path, keep_last: int = 3) -> None:
+        if keep_last < 1:
+            raise ValueError("keep_last must be at least 1")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_temp_files()
+        self._entries: dict[int, CheckpointInfo] = {}
+        self._reconcile(self._read_manifest())
+
+    @property
+    def manifest_path(self) -> Path:
+        """Where the manifest lives: ``<directory>/checkpoints.json``."""
+        return self.directory / MANIFEST_NAME
+
+    def entries(self) -> list[CheckpointInfo]:
+        """The manifest entries, oldest step first."""
+        return [self._entries[step] for step in sorted(self._entries)]
+
+    def save(
+        self,
+        state: dict[str, Any],
+        step: int,
+        healthy: bool,
+        metrics: dict[str, float] | None = None,
+    ) -> CheckpointInfo:
+        """Write ``state`` as the checkpoint of ``step`` atomically, record it, then prune.
+
+        ``healthy`` marks a checkpoint fit to roll back to. Saving a step again replaces
+        its file and entry. ``state`` must contain ``"step"``, which loading requires.
+        """
+        if step < 0:
+            raise ValueError("step must be non-negative")
+        if "step" not in state:
+            raise ValueError("state must contain 'step' (loading rejects a state without it)")
+        name = checkpoint_name(step)
+        sha256, size = _atomic_write(self.directory / name, lambda fh: torch.save(state, fh))
+        info = CheckpointInfo(
+            file=name,
+            step=step,
+            sha256=sha256,
+            size=size,
+            healthy=healthy,
+            metrics=dict(metrics or {}),
+            created=datetime.now(timezone.utc),
+        )
+        candidates = {**self._entries, step: info}
+        kept = _kept_steps({s: e.healthy for s, e in candidates.items()}, self.keep_last)
+        self._entries = {s: e for s, e in candidates.items() if s in kept}
+        # Manifest first, deletions after: a crash in between leaves stray files, which the
+        # next construction adopts and the next save prunes, never entries without files.
+        self._write_manifest()
+        for pruned in sorted(set(candidates) - kept):
+            (self.directory / candidates[pruned].file).unlink(missing_ok=True)
+            logger.info("pruned checkpoint %s", candidates[pruned].file)
+        return info
+
+    def latest(self) -> LoadedCheckpoint | None:
+        """The newest checkpoint that passes validation, or None; damaged ones are skipped."""
+        return self._first_valid(self.entries())
+
+    def last_good(self) -> LoadedCheckpoint | None:
+        """The newest healthy checkpoint that passes validation, or None."""
+        return self._first_valid([entry for entry in self.entries() if entry.healthy])
+
+    def load(self, path: Path | str) -> LoadedCheckpoint:
+        """Load and validate one checkpoint; raises CheckpointError saying why it failed.
+
+        A bare file name is looked up in the run directory. A file without a manifest entry
+        is accepted when torch can load it, and counts as not healthy.
+        """
+        path = Path(path)
+        if len(path.parts) == 1:
+            path = self.directory / path
+        try:
+            info = self._entry_for(path)
+            if info is None:
+                if not path.is_file():
+                    raise CheckpointError("missing")
+                info = self._unlisted_info(path)
+            state = _validate(path, info)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+        step = state["step"]
+        if _step_of(path.name) is None and isinstance(step, int) and step >= 0:
+            # A file name of someone else's carries no step; the state's own is the record.
+            info = info.model_copy(update={"step": step})
+        return LoadedCheckpoint(info=info, state=state)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _first_valid(self, candidates: list[CheckpointInfo]) -> LoadedCheckpoint | None:
+        for info in reversed(candidates):
+            path = self.directory / info.file
+            try:
+                return LoadedCheckpoint(info=info, state=_validate(path, info))
+            except CheckpointError as exc:
+                logger.warning("skipping checkpoint %s: %s; trying an older one", path, exc)
+        return None
+
+    def _entry_for(self, path: Path) -> CheckpointInfo | None:
+        if path.parent.resolve() != self.directory.resolve():
+            return None
+        step = _step_of(path.name)
+        return self._entries.get(step) if step is not None else None
+
+    @staticmethod
+    def _unlisted_info(path: Path) -> CheckpointInfo:
+        # No integrity record exists for such a file: record what is there now, so the
+        # size and sha256 checks pass and torch.load decides.
+        sha256, size = _digest(path)
+        step = _step_of(path.name)
+        return CheckpointInfo(
+            file=path.name,
+            step=step if step is not None else 0,
+            sha256=sha256,
+            size=size,
+            healthy=False,
+            created=datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc),
+        )
+
+    def _remove_temp_files(self) -> None:
+        for path in self.directory.iterdir():
+            if path.name.endswith(TMP_SUFFIX) and path.is_file():
+                path.unlink(missing_ok=True)
+                logger.info("removed %s, left by an interrupted write", path)
+
+    def _read_manifest(self) -> dict[int, CheckpointInfo] | None:
+        """The manifest's entries; {} when there is none yet, None when it is unreadable."""
+        if not self.manifest_path.exists():
+            return {}
+        try:
+            manifest = _Manifest.model_validate_json(self.manifest_path.read_bytes())
+        except (OSError, ValidationError) as exc:
+            logger.warning(
+                "manifest %s is unreadable (%s); rebuilding it from the checkpoint files on "
+                "disk, all treated as not healthy",
+                self.manifest_path,
+                _first_line(exc),
+            )
+            return None
+        return {entry.step: entry for entry in manifest.checkpoints}
+
+    def _reconcile(self, listed: dict[int, CheckpointInfo] | None) -> None:
+        """Set the entries to match the files on disk; persist them if that changed any."""
+        changed = listed is None
+        entries = dict(listed or {})
+        on_disk = {
+            step: path
+            for path in self.directory.iterdir()
+            if (step := _step_of(path.name)) is not None and path.is_file()
+        }
+        for step in sorted(set(entries) - set(on_disk)):
+            logger.warning("checkpoint %s is in the manifest but missing; dropping its entry",
+                           entries.pop(step).file)
+            changed = True
+        for step in sorted(set(on_disk) - set(entries)):
+            if listed is not None:
+                # Renamed into place but never recorded: a crash before the manifest write.
+                logger.warning("checkpoint %s is not in the manifest; adopting it as not "
+                               "healthy", on_disk[step])
+            entries[step] = self._unlisted_info(on_disk[step])
+            changed = True
+        self._entries = entries
+        if changed:
+            self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        manifest = _Manifest(checkpoints=self.entries())
+        text = manifest.model_dump_json(indent=2).encode()
+        _atomic_write(self.manifest_path, lambda fh: fh.write(text))
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The RNG states of python ``random``, numpy's global generator, torch CPU and CUDA.
+
+    Store it in a checkpoint so that a resumed run draws the same dropout masks and
+    shuffles as an uninterrupted one.
+    """
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured; CUDA only on the devices present."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    # torch only accepts a CPU ByteTensor, whatever map_location the checkpoint had.
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda")
+    if not cuda_states:
+        return
+    if not torch.cuda.is_available():
+        logger.warning("checkpoint has CUDA RNG state but CUDA is unavailable; not restored")
+        return
+    device_count = torch.cuda.device_count()
+    if len(cuda_states) != device_count:
+        logger.warning("checkpoint has CUDA RNG state for %d devices, %d present; restoring "
+                       "the first %d", len(cuda_states), device_count,
+                       min(len(cuda_states), device_count))
+    for device, device_state in enumerate(cuda_states[:device_count]):
+        torch.cuda.set_rng_state(device_state.cpu(), device)
