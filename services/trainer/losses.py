@@ -134,10 +134,10 @@ class LossTerms:
 
     def as_floats(self) -> dict[str, float]:
         """Plain floats for logging and messages."""
-        return {"loss": float(self.total), "mel": float(self.mel),
-                "mel_postnet": float(self.mel_postnet), "gate": float(self.gate),
-                "guided_attention": float(self.guided_attention),
-                "objective": float(self.objective)}
+        terms = {"loss": self.total, "mel": self.mel, "mel_postnet": self.mel_postnet,
+                 "gate": self.gate, "guided_attention": self.guided_attention,
+                 "objective": self.objective}
+        return {name: float(value.detach()) for name, value in terms.items()}
 
 
 def tacotron_loss(output: TacotronOutput, mel_target: Tensor, gate_target: Tensor,

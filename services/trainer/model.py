@@ -267,6 +267,10 @@ class Postnet(nn.Module):
                          gain="linear" if last else "tanh"),
                 nn.BatchNorm1d(dims[i + 1])))
         self.layers = nn.ModuleList(layers)
+        # Zero-initialised last BatchNorm scale: the postnet starts as the identity instead
+        # of adding unit-variance noise to a normalised mel, which otherwise dominates the
+        # loss for the first few hundred steps (Goyal et al., 2017, for residual branches).
+        nn.init.zeros_(layers[-1][1].weight)
 
     def forward(self, x: Tensor, frame_mask: Tensor) -> Tensor:
         """x: [B, n_mels, T] -> residual of the same shape.

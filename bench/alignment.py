@@ -1,0 +1,161 @@
+"""Benchmark: how fast does Tacotron2 learn to align on this machine, ours vs the NVIDIA recipe?
+
+Trains from scratch on the demo corpus twice in one run:
+  (a) the ``tiny`` preset (guided attention, warm-up to 1e-3 with decay, clipping at 1.0);
+  (b) the same model with the NVIDIA/tacotron2 recipe: no guided attention, lr 1e-3
+      constant, clipping at 1.0 and nothing else of ours.
+For each it prints seconds per step, the steps and minutes until validation diagonality
+> 0.7, the loss, grad norm and quality at that point, and for (a) when all five of the
+plan's indicators were first met. An arm that does not get there within its cap says so,
+and the (b)/(a) ratio is then a lower bound.
+
+    python bench/alignment.py --data data/demo --cap-minutes 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from services.core import indicators
+from services.core.logging import setup_logging
+from services.trainer.config import TrainConfig, preset
+from services.trainer.training import EvalResult, StepMetrics, Trainer
+
+
+@dataclass
+class ArmRecord:
+    """What one arm measured."""
+
+    name: str
+    goal: str
+    started: float = field(default_factory=time.perf_counter)
+    step_seconds: list[float] = field(default_factory=list)
+    aligned: dict | None = None
+    all_met: dict | None = None
+    final: dict | None = None
+
+    def on_step(self, trainer: Trainer, metrics: StepMetrics) -> None:
+        self.step_seconds.append(metrics.step_seconds)
+
+    def on_eval(self, trainer: Trainer, result: EvalResult) -> None:
+        if result.step == 0:
+            return
+        minutes = (time.perf_counter() - self.started) / 60
+        norm = max(trainer.recent_norms) if trainer.recent_norms else math.nan
+        point = {"step": result.step, "minutes": round(minutes, 2),
+                 "loss": round(result.losses["objective"], 4), "grad_norm": round(norm, 3),
+                 "diagonality": round(result.scores["diagonality"], 3),
+                 "quality": round(result.scores["quality"], 1)}
+        if self.aligned is None and result.scores["diagonality"] > indicators.DIAGONALITY_OK:
+            self.aligned = point
+        if self.all_met is None and indicators.all_met(trainer.indicators()):
+            self.all_met = point
+        self.final = point
+        done = self.aligned is not None if self.goal == "aligned" else self.all_met is not None
+        if done:
+            trainer.request_stop()
+
+    def on_checkpoint(self, trainer: Trainer, info) -> None:
+        pass
+
+
+def nvidia_recipe(cfg: TrainConfig) -> TrainConfig:
+    """NVIDIA/tacotron2's optimisation on our model: no guided attention, lr 1e-3 flat."""
+    cfg.preset = "tiny-nvidia-recipe"
+    cfg.optim.guided_attention_weight = 0.0
+    cfg.optim.learning_rate = 1e-3
+    cfg.optim.warmup_steps = 0
+    cfg.optim.decay_start = 10**9
+    cfg.optim.grad_clip = 1.0
+    cfg.optim.clip_mode = "fixed"
+    return cfg
+
+
+def run_arm(name: str, cfg: TrainConfig, goal: str, data: Path, out: Path,
+            cap_minutes: float, eval_every: int) -> ArmRecord:
+    """Train one arm from scratch until its goal or the cap."""
+    cfg.run.eval_every = eval_every
+    cfg.run.checkpoint_every = 10**9  # checkpoints are not what is measured here
+    cfg.run.max_steps = 10**6
+    run_dir = out / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    record = ArmRecord(name=name, goal=goal)
+    trainer = Trainer(cfg, data, run_dir, observers=[record])
+    record.started = time.perf_counter()
+    trainer.train(max_minutes=cap_minutes)
+    return record
+
+
+def describe(record: ArmRecord, cap_minutes: float) -> list[str]:
+    """Human lines for one arm."""
+    steps = len(record.step_seconds)
+    # The first steps include allocator warm-up; the median is the honest per-step cost.
+    per_step = sorted(record.step_seconds)[steps // 2] if steps else math.nan
+    lines = [f"[{record.name}] {steps} steps, median {per_step:.2f} s/step"]
+    if record.aligned:
+        a = record.aligned
+        lines.append(f"  diagonality > 0.7 at step {a['step']} ({a['minutes']} min): loss "
+                     f"{a['loss']}, max pre-clip grad norm {a['grad_norm']}, quality "
+                     f"{a['quality']}%")
+    else:
+        lines.append(f"  diagonality > 0.7 not reached in {steps} steps ({cap_minutes} min cap);"
+                     f" last: {record.final}")
+    if record.goal == "all_met":
+        if record.all_met:
+            m = record.all_met
+            lines.append(f"  all five indicators met at step {m['step']} ({m['minutes']} min): "
+                         f"{json.dumps(m)}")
+        else:
+            lines.append(f"  all five indicators not met in {steps} steps; last: {record.final}")
+    return lines
+
+
+def main() -> None:
+    """Parse arguments, run both arms, print the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("data/demo"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-alignment"))
+    parser.add_argument("--cap-minutes", type=float, default=25.0)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--arms", default="a,b", help="which arms to run: a, b or a,b")
+    args = parser.parse_args()
+    setup_logging("WARNING")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"cap {args.cap_minutes} min per arm, validation every {args.eval_every} steps")
+    records = {}
+    if "a" in args.arms:
+        records["a"] = run_arm("a-tiny", preset("tiny"), "all_met", args.data, args.out,
+                               args.cap_minutes, args.eval_every)
+    if "b" in args.arms:
+        records["b"] = run_arm("b-nvidia-recipe", nvidia_recipe(preset("tiny")), "aligned",
+                               args.data, args.out, args.cap_minutes, args.eval_every)
+    print()
+    for record in records.values():
+        print("\n".join(describe(record, args.cap_minutes)))
+    if "a" in records and "b" in records and records["a"].aligned:
+        a_steps = records["a"].aligned["step"]
+        if records["b"].aligned:
+            print(f"ratio of steps to diagonality > 0.7, (b)/(a): "
+                  f"{records['b'].aligned['step'] / a_steps:.2f}")
+        else:
+            b_steps = len(records["b"].step_seconds)
+            print(f"ratio of steps to diagonality > 0.7, (b)/(a): > {b_steps / a_steps:.2f} "
+                  f"(lower bound: (b) did not align within its cap)")
+    results = {name: {"aligned": r.aligned, "all_met": r.all_met, "final": r.final,
+                      "median_step_seconds": sorted(r.step_seconds)[len(r.step_seconds) // 2]
+                      if r.step_seconds else None, "steps": len(r.step_seconds)}
+               for name, r in records.items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for Smart Tuner: system packages, a virtualenv, the project.
+# Idempotent: a second run only checks. Usage: bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# espeak-ng speaks the demo corpus; redis-server is the fallback bus when none answers.
+missing=()
+command -v espeak-ng >/dev/null || missing+=(espeak-ng)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# torch first, pinned: on a CPU machine this takes the local CPU build, and the project's
+# torch range is then already satisfied, so nothing pulls a multi-GB CUDA build.
+.venv/bin/pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"

@@ -1,0 +1,30 @@
+"""The ``smart-tuner`` command: one entry point for every service."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from services.core.logging import setup_logging
+from services.core.settings import ConfigError, get_settings
+from services.trainer import cli as trainer_cli
+
+app = typer.Typer(help="Smart Tuner: a self-correcting Tacotron2 training system.",
+                  no_args_is_help=True, add_completion=False)
+trainer_cli.register(app)
+
+
+def main() -> None:
+    """Console-script entry point: settings are validated before any command runs."""
+    try:
+        settings = get_settings()
+    except ConfigError as error:
+        print(f"smart-tuner: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    setup_logging(settings.log_level)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Diagnostics: alignment metrics for Tacotron2 attention and pictures of it."""

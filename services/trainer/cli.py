@@ -1,0 +1,125 @@
+"""``smart-tuner corpus | train | synthesize``: the trainer's command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.core.settings import get_settings
+
+console = Console()
+
+
+def corpus(
+    out: Annotated[Path, typer.Option(help="folder to write the LJSpeech-layout corpus to")]
+    = Path("data/demo"),
+    english: Annotated[int, typer.Option(help="English sentences")] = 400,
+    russian: Annotated[int, typer.Option(help="Russian sentences")] = 200,
+    seed: Annotated[int, typer.Option(help="seed: the same seed gives the same corpus")] = 0,
+    jobs: Annotated[int, typer.Option(help="parallel espeak-ng processes")] = 2,
+) -> None:
+    """Build the demo corpus with espeak-ng (English and Russian, LJSpeech layout)."""
+    from services.trainer.corpus import build_demo_corpus
+
+    summary = build_demo_corpus(out, n_english=english, n_russian=russian, seed=seed,
+                                jobs=jobs)
+    console.print(f"corpus: {summary.n_english} English + {summary.n_russian} Russian "
+                  f"utterances, {summary.total_seconds / 60:.1f} min of audio in {out} "
+                  f"({summary.seconds_taken:.1f} s)")
+
+
+def train(
+    data: Annotated[Path, typer.Option(help="LJSpeech-layout folder (metadata.csv, wavs/)")],
+    out: Annotated[Path, typer.Option(help="run folder: checkpoints, plots, metrics")],
+    preset: Annotated[str, typer.Option(help="model/optimisation preset: tiny or base")]
+    = "tiny",
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="stop after this wall time")]
+    = None,
+    until_indicators: Annotated[bool, typer.Option(
+        help="stop as soon as all five success indicators are met")] = False,
+    resume: Annotated[bool, typer.Option(help="continue from the newest valid checkpoint")]
+    = False,
+    eval_every: Annotated[int | None, typer.Option(help="validate every N steps")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="checkpoint every N steps")]
+    = None,
+    batch_size: Annotated[int | None, typer.Option(help="override the preset's batch size")]
+    = None,
+    lr: Annotated[float | None, typer.Option(help="override the preset's learning rate")]
+    = None,
+) -> None:
+    """Train Tacotron2; prints a verdict on the plan's five success indicators at the end."""
+    import torch
+
+    from services.trainer.config import preset as load_preset
+    from services.trainer.training import Trainer
+
+    settings = get_settings()
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    cfg = load_preset(preset)
+    if eval_every:
+        cfg.run.eval_every = eval_every
+    if checkpoint_every:
+        cfg.run.checkpoint_every = checkpoint_every
+    if batch_size:
+        cfg.run.batch_size = batch_size
+    if lr:
+        cfg.optim.learning_rate = lr
+    cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate the overridden fields
+    trainer = Trainer(cfg, data, out, resume=resume, device=settings.device)
+    summary = trainer.train(max_steps=max_steps, until_indicators=until_indicators,
+                            max_minutes=max_minutes)
+    print_summary(summary)
+    if not summary["all_indicators_met"]:
+        raise typer.Exit(code=2 if until_indicators else 0)
+
+
+def print_summary(summary: dict) -> None:
+    """Rich table of the final verdict."""
+    table = Table(title=f"run {summary['run_id']}: step {summary['step']} "
+                        f"({summary['stop_reason']}, {summary['seconds'] / 60:.1f} min)")
+    for column in ("indicator", "value", "target", "met"):
+        table.add_column(column)
+    for item in summary["indicators"]:
+        table.add_row(item["name"], f"{item['value']:.4g}",
+                      f"{item['comparison']} {item['threshold']:g}",
+                      "[green]yes[/green]" if item["met"] else "[red]no[/red]")
+    console.print(table)
+    first = summary["indicators_first_met"]
+    if first:
+        console.print(f"all five indicators first met at step {first['step']} "
+                      f"after {first['minutes']:.1f} min")
+    scores = {k: round(v, 3) for k, v in summary["alignment"].items()}
+    console.print(f"skipped non-finite steps: {summary['skipped_steps']}; "
+                  f"alignment: {json.dumps(scores)}")
+
+
+def synthesize(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint file or run folder")],
+    text: Annotated[str, typer.Option(help="what to say")],
+    out: Annotated[Path, typer.Option(help="wav file to write")] = Path("out.wav"),
+    language: Annotated[str, typer.Option(help="auto, en or ru")] = "auto",
+    seed: Annotated[int, typer.Option(help="seed for the prenet dropout")] = 0,
+) -> None:
+    """Synthesise speech (Griffin-Lim) and plot the inference alignment next to the wav."""
+    from services.trainer.synthesis import Synthesizer
+
+    result, plot = Synthesizer(checkpoint).to_files(text, out, language, seed)
+    seconds = len(result.wav) / result.sample_rate
+    console.print(f"wrote {out} ({seconds:.2f} s) and {plot}; "
+                  f"gate {'stopped' if result.stopped else 'did NOT stop (step limit)'}; "
+                  f"diagonality {result.scores['diagonality']:.2f}, "
+                  f"quality {result.scores['quality']:.0f}%")
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the trainer's commands to the top-level CLI."""
+    app.command()(corpus)
+    app.command()(train)
+    app.command()(synthesize)

@@ -1,0 +1,40 @@
+"""Shared fixtures: a small real corpus spoken by espeak-ng, and a tiny training config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.trainer.config import TrainConfig, preset
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """14 short utterances (10 English, 4 Russian) in the LJSpeech layout."""
+    from services.trainer.corpus import build_demo_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    build_demo_corpus(out, n_english=10, n_russian=4, seed=7, progress=False)
+    return out
+
+
+@pytest.fixture
+def small_config() -> TrainConfig:
+    """The tiny preset at half width on a 4-utterance validation batch, short warm-up.
+
+    Half width keeps each test to a few seconds on 2 cores; the loop's code paths are the
+    same as at full size.
+    """
+    cfg = preset("tiny")
+    m = cfg.model
+    m.symbols_embedding_dim = m.encoder_embedding_dim = 64
+    m.attention_rnn_dim = m.decoder_rnn_dim = 128
+    m.prenet_dim = 64
+    m.postnet_embedding_dim = 64
+    cfg.run.batch_size = 4
+    cfg.run.val_size = 4
+    cfg.run.eval_every = 5
+    cfg.run.checkpoint_every = 5
+    cfg.optim.warmup_steps = 2
+    return cfg
