@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The demo on a fresh machine: set up, speak the demo corpus, train the tiny preset until
+# the plan's five success indicators are met, then synthesise a sentence from it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+RUN=${RUN:-runs/demo}
+.venv/bin/smart-tuner corpus --out data/demo
+.venv/bin/smart-tuner train --data data/demo --out "$RUN" --preset tiny \
+  --until-indicators --max-steps "${MAX_STEPS:-1000}"
+.venv/bin/smart-tuner synthesize --checkpoint "$RUN" \
+  --text "The quick brown fox jumps over the lazy dog." --out "$RUN/sample-en.wav"
+.venv/bin/smart-tuner synthesize --checkpoint "$RUN" \
+  --text "Съешь же ещё этих мягких французских булок." --out "$RUN/sample-ru.wav"
+echo "demo done: see $RUN/summary.json, $RUN/plots/ and $RUN/sample-*.wav"
