@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from services.trainer.audio import MelSpectrogram, load_wav, trim_silence
 from services.trainer.config import AudioConfig
+from services.trainer.text import PAD_ID
 
 METADATA_FILE = "metadata.csv"
 WAVS_DIR = "wavs"
@@ -44,8 +45,6 @@ STATS_FILE = "stats.npz"
 CONFIG_FILE = "audio_config.json"
 # Floor of a band's std so a constant band (e.g. above a low-pass) does not divide by zero.
 MIN_STD = 1e-5
-
-PAD_ID = 0
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
