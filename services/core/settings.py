@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "SMART_TUNER_"
@@ -32,6 +32,17 @@ class Settings(BaseSettings):
     )
     num_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads; default: torch's own choice"
+    )
+    redis_url: str | None = Field(
+        default=None, pattern=r"^(redis|rediss|unix)://",
+        description="event bus; unset: the trainer runs without telemetry",
+    )
+    api_token: SecretStr | None = Field(
+        default=None, min_length=16,
+        description="bearer token for mutating control-API calls; unset: they are refused",
+    )
+    tuner_config: str = Field(
+        default="config/tuner.toml", description="policy thresholds, one file"
     )
 
 

@@ -1,0 +1,287 @@
+"""The Redis Streams event bus: a publisher that never blocks, consumers that never die.
+
+``Publisher.publish`` only appends to a bounded in-process buffer; a background thread
+writes to Redis in pipelined batches. While Redis is down the buffer holds the newest
+``buffer_size`` messages and the thread retries with back-off; what the bound pushes out is
+counted (``dropped``) and reported once Redis is back, never silently lost.
+
+``Consumer`` reads with a consumer group (at-least-once), acks after handling, reclaims
+entries that a dead consumer left pending (XAUTOCLAIM) and moves anything that does not
+parse to the dead-letter stream with the reason, then acks it so it is not redelivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+
+from services.core.schemas import SCHEMAS, Event, Message, MessageError, decode, encode
+from services.core.streams import DEAD_LETTER_STREAM, RUNS_KEY, Stream, maxlen_for, stream_key
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUFFER = 10_000
+BATCH_SIZE = 500
+RETRY_INITIAL_S = 0.05
+RETRY_MAX_S = 2.0
+# Redis errors that mean "not reachable now"; anything else is a bug and is raised.
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
+    """A client with short timeouts, so an outage is noticed in seconds, not minutes."""
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                health_check_interval=10)
+
+
+@dataclass
+class PublisherStats:
+    """Counters of a publisher since it started."""
+
+    published: int = 0  # accepted into the buffer
+    sent: int = 0  # written to Redis
+    dropped: int = 0  # pushed out of the full buffer, never sent
+    reported_dropped: int = 0  # already announced in an events_dropped event
+    connected: bool = False
+    buffered: int = 0
+    errors: deque[str] = field(default_factory=lambda: deque(maxlen=5))  # latest only
+
+
+class Publisher:
+    """Non-blocking, buffered XADD to a run's streams from a background thread."""
+
+    def __init__(self, client: redis.Redis, run_id: str, buffer_size: int = DEFAULT_BUFFER,
+                 on_send: Callable[[Stream, Message], None] | None = None):
+        self.client = client
+        self.run_id = run_id
+        self.buffer_size = buffer_size
+        self.on_send = on_send
+        self.stats = PublisherStats()
+        self._buffer: deque[tuple[Stream, Message]] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name=f"publisher-{run_id}",
+                                         daemon=True)
+        self._thread.start()
+
+    def publish(self, stream: Stream, message: Message) -> None:
+        """Queue ``message`` for ``stream``; returns at once, whatever Redis is doing."""
+        with self._lock:
+            if len(self._buffer) >= self.buffer_size:
+                self._buffer.popleft()
+                self.stats.dropped += 1
+            self._buffer.append((stream, message))
+            self.stats.published += 1
+            self.stats.buffered = len(self._buffer)
+            self._idle.clear()
+        self._wake.set()
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until the buffer is empty (True) or the timeout passes (False)."""
+        self._wake.set()
+        return self._idle.wait(timeout_s)
+
+    def close(self, timeout_s: float = 5.0) -> bool:
+        """Flush what can be flushed within the timeout, then stop the thread."""
+        flushed = self.flush(timeout_s)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+        return flushed
+
+    def _take_batch(self) -> list[tuple[Stream, Message]]:
+        with self._lock:
+            return [self._buffer[i] for i in range(min(BATCH_SIZE, len(self._buffer)))]
+
+    def _commit_batch(self, count: int) -> None:
+        with self._lock:
+            for _ in range(count):
+                self._buffer.popleft()
+            self.stats.sent += count
+            self.stats.buffered = len(self._buffer)
+            if not self._buffer:
+                self._idle.set()
+
+    def _send(self, batch: list[tuple[Stream, Message]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sadd(RUNS_KEY, self.run_id)
+        for stream, message in batch:
+            key = stream_key(self.run_id, stream)
+            pipe.xadd(key, encode(message), maxlen=maxlen_for(key), approximate=True)
+        pipe.execute()
+
+    def _report_drops(self) -> None:
+        """After an overflow, say how many were lost as soon as Redis is reachable."""
+        with self._lock:
+            lost = self.stats.dropped - self.stats.reported_dropped
+        if lost <= 0:
+            return
+        event = Event(run_id=self.run_id, event="events_dropped", severity="warning",
+                      detail=f"{lost} telemetry messages were dropped: the publisher buffer "
+                             f"({self.buffer_size}) overflowed while Redis was unreachable",
+                      data={"dropped": lost, "dropped_total": self.stats.dropped})
+        key = stream_key(self.run_id, Stream.EVENTS)
+        self.client.xadd(key, encode(event), maxlen=maxlen_for(key), approximate=True)
+        with self._lock:
+            self.stats.reported_dropped += lost
+        log.warning("%s", event.detail)
+
+    def _run(self) -> None:
+        delay = RETRY_INITIAL_S
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                if self._stop.is_set():
+                    return
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                self._send(batch)
+                self._report_drops()
+            except CONNECTION_ERRORS as error:
+                if self.stats.connected or not self.stats.errors:
+                    log.warning("Redis unreachable, buffering telemetry: %s", error)
+                self.stats.connected = False
+                self.stats.errors.append(str(error))
+                if self._stop.wait(delay):
+                    return
+                delay = min(RETRY_MAX_S, delay * 2)
+                continue
+            if not self.stats.connected:
+                log.info("Redis reachable, sending buffered telemetry")
+            self.stats.connected = True
+            delay = RETRY_INITIAL_S
+            self._commit_batch(len(batch))
+            if self.on_send is not None:
+                for stream, message in batch:
+                    self.on_send(stream, message)
+
+
+@dataclass
+class Delivery:
+    """One message handed to a consumer; ack it when handled."""
+
+    key: str
+    entry_id: str
+    message: Message
+
+
+def _decoded(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Consumer:
+    """A consumer-group reader over one or more stream keys."""
+
+    def __init__(self, client: redis.Redis, keys: dict[str, Stream], group: str, name: str,
+                 claim_idle_ms: int = 30_000):
+        self.client = client
+        self.keys = keys  # stream key -> which schema it carries
+        self.group = group
+        self.name = name
+        self.claim_idle_ms = claim_idle_ms
+        self.dead_lettered = 0
+        self._ensured: set[str] = set()
+
+    def add_key(self, key: str, stream: Stream) -> None:
+        """Also read ``key`` from now on (e.g. a run that appeared after start)."""
+        self.keys[key] = stream
+
+    def _ensure_groups(self) -> None:
+        for key in self.keys:
+            if key in self._ensured:
+                continue
+            try:
+                self.client.xgroup_create(key, self.group, id="0", mkstream=True)
+            except redis.ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
+            self._ensured.add(key)
+
+    def _parse(self, key: str, entry_id: str, fields: dict) -> Delivery | None:
+        try:
+            message = decode(fields, SCHEMAS[self.keys[key]])
+        except MessageError as error:
+            self.dead_letter(key, entry_id, fields, error.reason)
+            return None
+        return Delivery(key, entry_id, message)
+
+    def dead_letter(self, key: str, entry_id: str, fields: dict, reason: str) -> None:
+        """Move an entry to the dead-letter stream with ``reason`` and ack it."""
+        raw = fields.get(b"data", fields.get("data", b""))
+        raw = raw if isinstance(raw, bytes | str) else repr(raw)
+        record = {"stream": key, "id": entry_id, "group": self.group, "reason": reason,
+                  "raw": raw[:65_536], "ts": str(time.time())}
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(DEAD_LETTER_STREAM, record, maxlen=maxlen_for(DEAD_LETTER_STREAM),
+                  approximate=True)
+        pipe.xack(key, self.group, entry_id)
+        pipe.execute()
+        self.dead_lettered += 1
+        log.warning("dead-lettered %s %s: %s", key, entry_id, reason)
+
+    def poll(self, block_ms: int = 1000, count: int = 100) -> list[Delivery]:
+        """New entries for this consumer (blocking up to ``block_ms``), parsed."""
+        self._ensure_groups()
+        if not self.keys:
+            time.sleep(block_ms / 1000)
+            return []
+        response = self.client.xreadgroup(self.group, self.name, dict.fromkeys(self.keys, ">"),
+                                          count=count, block=block_ms)
+        deliveries = []
+        for key, entries in response or []:
+            key = _decoded(key)
+            for entry_id, fields in entries:
+                delivery = self._parse(key, _decoded(entry_id), fields)
+                if delivery is not None:
+                    deliveries.append(delivery)
+        return deliveries
+
+    def claim_stale(self, count: int = 100) -> list[Delivery]:
+        """Entries another consumer of the group read but never acked (it died)."""
+        self._ensure_groups()
+        deliveries = []
+        for key in list(self.keys):
+            start = "0-0"
+            while True:
+                next_start, entries, *_ = self.client.xautoclaim(
+                    key, self.group, self.name, self.claim_idle_ms, start_id=start, count=count)
+                for entry_id, fields in entries:
+                    if fields is None:  # trimmed away while pending
+                        continue
+                    delivery = self._parse(key, _decoded(entry_id), fields)
+                    if delivery is not None:
+                        deliveries.append(delivery)
+                start = _decoded(next_start)
+                if start == "0-0" or not entries:
+                    break
+        return deliveries
+
+    def pending(self, count: int = 100) -> list[Delivery]:
+        """This consumer's own delivered-but-unacked entries (after its own restart)."""
+        self._ensure_groups()
+        deliveries = []
+        for key in list(self.keys):
+            response = self.client.xreadgroup(self.group, self.name, {key: "0"}, count=count)
+            for _, entries in response or []:
+                for entry_id, fields in entries:
+                    if not fields:
+                        continue
+                    delivery = self._parse(key, _decoded(entry_id), fields)
+                    if delivery is not None:
+                        deliveries.append(delivery)
+        return deliveries
+
+    def ack(self, delivery: Delivery) -> None:
+        """Mark ``delivery`` handled."""
+        self.client.xack(delivery.key, self.group, delivery.entry_id)

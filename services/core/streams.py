@@ -1,0 +1,67 @@
+"""Redis key and stream names: the one place that spells them.
+
+Each run has its own set of streams, so runs never read each other's commands. Stream
+lengths are capped (approximate MAXLEN, which Redis trims cheaply) so a week-long run keeps
+Redis memory bounded; the caps are generous enough for every consumer to keep up.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+PREFIX = "smart-tuner"
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_RUN_ID = re.compile(RUN_ID_PATTERN)
+
+RUNS_KEY = f"{PREFIX}:runs"  # a Redis set of known run ids
+DEAD_LETTER_STREAM = f"{PREFIX}:dead-letter"  # one for all runs: a bad message may have no run
+
+
+class Stream(str, Enum):
+    """The per-run streams of DESIGN.md."""
+
+    METRICS = "metrics"
+    ATTENTION = "attention"
+    DIAGNOSTICS = "diagnostics"
+    COMMANDS = "commands"
+    ACKS = "acks"
+    ACTIONS = "actions"
+    EVENTS = "events"
+
+
+# Approximate caps: ~10 hours of 1 step/s metrics; snapshots are big, so fewer of them.
+MAXLEN: dict[Stream, int] = {
+    Stream.METRICS: 50_000,
+    Stream.ATTENTION: 500,
+    Stream.DIAGNOSTICS: 10_000,
+    Stream.COMMANDS: 10_000,
+    Stream.ACKS: 10_000,
+    Stream.ACTIONS: 10_000,
+    Stream.EVENTS: 10_000,
+}
+DEAD_LETTER_MAXLEN = 10_000
+
+
+def validate_run_id(run_id: str) -> str:
+    """Return ``run_id`` if it is safe inside a key name, else raise ValueError."""
+    if not _RUN_ID.match(run_id):
+        raise ValueError(f"invalid run id {run_id!r}: 1-64 of [A-Za-z0-9_.-], not starting "
+                         "with a punctuation mark")
+    return run_id
+
+
+def stream_key(run_id: str, stream: Stream) -> str:
+    """The Redis key of one of a run's streams, e.g. ``smart-tuner:run42:metrics``."""
+    return f"{PREFIX}:{validate_run_id(run_id)}:{stream.value}"
+
+
+def maxlen_for(key: str) -> int:
+    """The approximate cap of the stream at ``key``."""
+    if key == DEAD_LETTER_STREAM:
+        return DEAD_LETTER_MAXLEN
+    suffix = key.rsplit(":", 1)[-1]
+    try:
+        return MAXLEN[Stream(suffix)]
+    except ValueError:
+        raise ValueError(f"{key!r} is not a Smart Tuner stream") from None
