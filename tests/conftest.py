@@ -38,3 +38,29 @@ def small_config() -> TrainConfig:
     cfg.run.checkpoint_every = 5
     cfg.optim.warmup_steps = 2
     return cfg
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A real Redis for integration tests; every test uses its own run ids in it.
+
+    ``.ci/run`` starts one when none answers; set SMART_TUNER_TEST_REDIS_URL to use another.
+    """
+    import os
+
+    import redis
+
+    url = os.environ.get("SMART_TUNER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.ConnectionError as error:  # pragma: no cover - CI always has one
+        pytest.fail(f"integration tests need a Redis at {url}: {error}")
+    return url
+
+
+@pytest.fixture
+def run_id() -> str:
+    """A fresh run id, so tests sharing one Redis never see each other's streams."""
+    import uuid
+
+    return f"test-{uuid.uuid4().hex[:12]}"
