@@ -27,11 +27,11 @@ import torch
 from services.core import indicators
 from services.core.logging import setup_logging
 from services.trainer.config import TrainConfig, preset
-from services.trainer.training import EvalResult, StepMetrics, Trainer
+from services.trainer.training import EvalResult, StepMetrics, Trainer, TrainingObserver
 
 
 @dataclass
-class ArmRecord:
+class ArmRecord(TrainingObserver):
     """What one arm measured."""
 
     name: str
@@ -63,9 +63,6 @@ class ArmRecord:
         if done:
             trainer.request_stop()
 
-    def on_checkpoint(self, trainer: Trainer, info) -> None:
-        pass
-
 
 def nvidia_recipe(cfg: TrainConfig) -> TrainConfig:
     """NVIDIA/tacotron2's optimisation on our model: no guided attention, lr 1e-3 flat."""
@@ -84,7 +81,7 @@ def run_arm(name: str, cfg: TrainConfig, goal: str, data: Path, out: Path,
     """Train one arm from scratch until its goal or the cap."""
     cfg.run.eval_every = eval_every
     cfg.run.checkpoint_every = 10**9  # checkpoints are not what is measured here
-    cfg.run.max_steps = 10**6
+    cfg.run.max_steps = 100_000
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
     record = ArmRecord(name=name, goal=goal)

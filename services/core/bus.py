@@ -57,7 +57,7 @@ class Publisher:
     """Non-blocking, buffered XADD to a run's streams from a background thread."""
 
     def __init__(self, client: redis.Redis, run_id: str, buffer_size: int = DEFAULT_BUFFER,
-                 on_send: Callable[[Stream, Message], None] | None = None):
+                 on_send: Callable[[Stream, Message, str], None] | None = None):
         self.client = client
         self.run_id = run_id
         self.buffer_size = buffer_size
@@ -111,13 +111,14 @@ class Publisher:
             if not self._buffer:
                 self._idle.set()
 
-    def _send(self, batch: list[tuple[Stream, Message]]) -> None:
+    def _send(self, batch: list[tuple[Stream, Message]]) -> list[str]:
+        """Write a batch in one round trip; returns the new entry ids."""
         pipe = self.client.pipeline(transaction=False)
         pipe.sadd(RUNS_KEY, self.run_id)
         for stream, message in batch:
             key = stream_key(self.run_id, stream)
             pipe.xadd(key, encode(message), maxlen=maxlen_for(key), approximate=True)
-        pipe.execute()
+        return [_decoded(entry_id) for entry_id in pipe.execute()[1:]]
 
     def _report_drops(self) -> None:
         """After an overflow, say how many were lost as soon as Redis is reachable."""
@@ -146,7 +147,7 @@ class Publisher:
                 self._wake.clear()
                 continue
             try:
-                self._send(batch)
+                entry_ids = self._send(batch)
                 self._report_drops()
             except CONNECTION_ERRORS as error:
                 if self.stats.connected or not self.stats.errors:
@@ -163,8 +164,11 @@ class Publisher:
             delay = RETRY_INITIAL_S
             self._commit_batch(len(batch))
             if self.on_send is not None:
-                for stream, message in batch:
-                    self.on_send(stream, message)
+                for (stream, message), entry_id in zip(batch, entry_ids, strict=True):
+                    try:
+                        self.on_send(stream, message, entry_id)
+                    except Exception:  # a callback bug must not kill the publisher
+                        log.exception("publisher callback failed for %s", stream.value)
 
 
 @dataclass
@@ -230,11 +234,11 @@ class Consumer:
         self.dead_lettered += 1
         log.warning("dead-lettered %s %s: %s", key, entry_id, reason)
 
-    def poll(self, block_ms: int = 1000, count: int = 100) -> list[Delivery]:
-        """New entries for this consumer (blocking up to ``block_ms``), parsed."""
+    def poll(self, block_ms: int | None = 1000, count: int = 100) -> list[Delivery]:
+        """New entries for this consumer, parsed; waits up to ``block_ms`` (None: no wait)."""
         self._ensure_groups()
         if not self.keys:
-            time.sleep(block_ms / 1000)
+            time.sleep((block_ms or 0) / 1000)
             return []
         response = self.client.xreadgroup(self.group, self.name, dict.fromkeys(self.keys, ">"),
                                           count=count, block=block_ms)

@@ -52,11 +52,20 @@ def train(
     = None,
     lr: Annotated[float | None, typer.Option(help="override the preset's learning rate")]
     = None,
+    run_id: Annotated[str | None, typer.Option(help="name of the run on the bus")] = None,
+    resume_from: Annotated[str, typer.Option(help="latest or last_good checkpoint")]
+    = "latest",
+    inject_fault: Annotated[str | None, typer.Option(
+        help="e.g. grad_spike:start=20,steps=30,factor=1000 (also nan_grad, nan_loss, crash)")]
+    = None,
+    telemetry: Annotated[bool, typer.Option(
+        help="publish to SMART_TUNER_REDIS_URL and obey commands (when it is set)")] = True,
 ) -> None:
     """Train Tacotron2; prints a verdict on the plan's five success indicators at the end."""
     import torch
 
     from services.trainer.config import preset as load_preset
+    from services.trainer.faults import FaultPlan
     from services.trainer.training import Trainer
 
     settings = get_settings()
@@ -72,9 +81,23 @@ def train(
     if lr:
         cfg.optim.learning_rate = lr
     cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate the overridden fields
-    trainer = Trainer(cfg, data, out, resume=resume, device=settings.device)
-    summary = trainer.train(max_steps=max_steps, until_indicators=until_indicators,
-                            max_minutes=max_minutes)
+    try:
+        fault = FaultPlan.parse(inject_fault) if inject_fault else None
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--inject-fault") from None
+    trainer = Trainer(cfg, data, out, resume=resume, device=settings.device, run_id=run_id,
+                      resume_from=resume_from, fault=fault)
+    link = None
+    if telemetry and settings.redis_url:
+        from services.trainer.link import attach
+
+        link = attach(trainer, settings.redis_url)
+    try:
+        summary = trainer.train(max_steps=max_steps, until_indicators=until_indicators,
+                                max_minutes=max_minutes)
+    finally:
+        if link is not None:
+            link.close()
     print_summary(summary)
     if not summary["all_indicators_met"]:
         raise typer.Exit(code=2 if until_indicators else 0)

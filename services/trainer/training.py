@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from services.core import indicators
+from services.core.streams import validate_run_id
 from services.diagnostics.metrics import alignment_scores
 from services.diagnostics.plots import plot_alignment
 from services.trainer import text as text_frontend
@@ -44,6 +45,7 @@ from services.trainer.dataset import (
     read_metadata,
     split_train_val,
 )
+from services.trainer.faults import FaultPlan, inject
 from services.trainer.gradients import GradientClipper
 from services.trainer.losses import GuidedAttentionWeight, LossTerms, tacotron_loss
 from services.trainer.model import Tacotron2, TacotronOutput, count_parameters
@@ -57,6 +59,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 PLOT_DIR = "plots"
+PAUSE_POLL_S = 0.2
 
 
 @dataclass
@@ -103,14 +106,27 @@ class RunState:
     aligned_once: bool = False
 
 
-class TrainingObserver(Protocol):
-    """Receives the loop's events; implementations must be quick and never raise."""
+class TrainingObserver:
+    """Receives the loop's events; subclasses override what they need, quickly, never raising."""
 
-    def on_step(self, trainer: Trainer, metrics: StepMetrics) -> None: ...
+    def on_step(self, trainer: Trainer, metrics: StepMetrics) -> None:
+        """After every optimizer step (skipped ones included)."""
 
-    def on_eval(self, trainer: Trainer, result: EvalResult) -> None: ...
+    def on_eval(self, trainer: Trainer, result: EvalResult) -> None:
+        """After every evaluation of the validation batch."""
 
-    def on_checkpoint(self, trainer: Trainer, info: CheckpointInfo) -> None: ...
+    def on_checkpoint(self, trainer: Trainer, info: CheckpointInfo) -> None:
+        """After a checkpoint is safely on disk."""
+
+    def on_lifecycle(self, trainer: Trainer, event: str, detail: str,
+                     data: dict[str, Any]) -> None:
+        """Run started (or restarted), paused, resumed, finished, stopped."""
+
+
+class TrainingController(Protocol):
+    """Polled between steps (and while paused); may call the trainer's setters."""
+
+    def before_step(self, trainer: Trainer) -> None: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,13 +149,19 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data_dir: Path, run_dir: Path, *, resume: bool = False,
                  device: str = "auto", cache_dir: Path | None = None,
-                 observers: list[TrainingObserver] | None = None, progress: bool = True):
+                 observers: list[TrainingObserver] | None = None,
+                 controllers: list[TrainingController] | None = None, progress: bool = True,
+                 run_id: str | None = None, resume_from: str = "latest",
+                 fault: FaultPlan | None = None):
         self.cfg = cfg
         self.data_dir = Path(data_dir)
         self.run_dir = Path(run_dir)
         self.device = resolve_device(device)
         self.progress = progress
         self.observers: list[TrainingObserver] = list(observers or [])
+        self.controllers: list[TrainingController] = list(controllers or [])
+        self.fault = fault
+        self.paused = False
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.model.n_symbols = text_frontend.N_SYMBOLS
 
@@ -166,9 +188,12 @@ class Trainer:
         self._max_norm_since_checkpoint = 0.0
         self._stop_requested = False
 
-        self.run_state = self._open_run_state(resume)
+        self.run_state = self._open_run_state(resume, run_id)
         if resume:
-            loaded = self.checkpoints.latest()
+            if resume_from not in ("latest", "last_good"):
+                raise ValueError("resume_from must be 'latest' or 'last_good'")
+            loaded = (self.checkpoints.latest() if resume_from == "latest"
+                      else self.checkpoints.last_good() or self.checkpoints.latest())
             if loaded is None:
                 log.warning("--resume: no valid checkpoint in %s; starting from step 0",
                             self.checkpoints.directory)
@@ -215,8 +240,10 @@ class Trainer:
                                                               key=lambda kv: -kv[1]))
             log.warning("characters outside the symbol table were removed: %s", listed)
 
-    def _open_run_state(self, resume: bool) -> RunState:
+    def _open_run_state(self, resume: bool, run_id: str | None) -> RunState:
         path = self.run_dir / RUN_STATE_FILE
+        if run_id is not None:
+            validate_run_id(run_id)
         if resume and path.exists():
             state = RunState(**json.loads(path.read_text()))
             if not state.clean_exit:
@@ -225,7 +252,7 @@ class Trainer:
                 state.consecutive_restarts += 1
             state.clean_exit = False
         else:
-            state = RunState(run_id=uuid.uuid4().hex[:12], started_at=_utc_now())
+            state = RunState(run_id=run_id or uuid.uuid4().hex[:12], started_at=_utc_now())
         self._write_run_state(state)
         return state
 
@@ -393,7 +420,8 @@ class Trainer:
         ga_weight = self.ga_weight(self.step)
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         self.optimizer.zero_grad(set_to_none=True)
-        _, terms = self._forward(batch.to(self.device))
+        output, terms = self._forward(batch.to(self.device))
+        terms.total = inject(self.fault, self.step, terms.total, output.mel)
         norm = math.nan
         threshold = self.clipper.current_threshold()
         loss_finite = bool(torch.isfinite(terms.total))
@@ -483,6 +511,23 @@ class Trainer:
             restarts=self.run_state.restarts, loss=result.losses["objective"],
             quality=result.scores["quality"])
 
+    def _lifecycle(self, event: str, detail: str = "", **data: Any) -> None:
+        for observer in self.observers:
+            observer.on_lifecycle(self, event, detail, data)
+
+    def _control(self) -> None:
+        """Let the controllers act between steps; while paused, keep polling them."""
+        for controller in self.controllers:
+            controller.before_step(self)
+        if self.paused:
+            self._lifecycle("paused", f"paused at step {self.step}")
+            while self.paused and not self._stop_requested:
+                time.sleep(PAUSE_POLL_S)
+                for controller in self.controllers:
+                    controller.before_step(self)
+            if not self._stop_requested:
+                self._lifecycle("resumed", f"resumed at step {self.step}")
+
     def train(self, max_steps: int | None = None, until_indicators: bool = False,
               max_minutes: float | None = None) -> dict[str, Any]:
         """Train to ``max_steps`` (or until the indicators are met); returns the summary."""
@@ -491,11 +536,20 @@ class Trainer:
         deadline = started + max_minutes * 60 if max_minutes else math.inf
         met_at: dict[str, Any] | None = None
         batches = self._batches()
+        state = self.run_state
+        self._lifecycle("run_started", f"step {self.step}, restarts {state.restarts}",
+                        step=self.step, restarts=state.restarts,
+                        consecutive=state.consecutive_restarts,
+                        restarted=state.consecutive_restarts > 0)
         bar = tqdm(total=max_steps, initial=self.step, disable=not self.progress,
-                   desc="train", unit="step", dynamic_ncols=True)
+                   desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
         stop_reason = "max_steps"
         try:
             while self.step < max_steps:
+                self._control()
+                if self._stop_requested:
+                    stop_reason = "stop_requested"
+                    break
                 metrics = self.train_step(next(batches))
                 self._log_metrics({"kind": "step", **asdict(metrics)})
                 for observer in self.observers:
@@ -511,12 +565,10 @@ class Trainer:
                             stop_reason = "indicators_met"
                 if self.step % self.cfg.run.checkpoint_every == 0:
                     self.save_checkpoint()
-                bar.update(1)
+                bar.n = self.step  # a rollback moves the step back
                 bar.set_postfix(self._postfix(metrics), refresh=False)
+                bar.update(0)
                 if stop_reason == "indicators_met":
-                    break
-                if self._stop_requested:
-                    stop_reason = "stop_requested"
                     break
                 if time.perf_counter() > deadline:
                     stop_reason = "time_limit"
@@ -531,6 +583,8 @@ class Trainer:
         self._write_run_state()
         summary = self.summary(stop_reason, time.perf_counter() - started, met_at)
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        self._lifecycle("stopped" if stop_reason == "stop_requested" else "finished",
+                        f"{stop_reason} at step {self.step}", summary=summary)
         return summary
 
     def _postfix(self, metrics: StepMetrics) -> dict[str, str]:

@@ -1,0 +1,67 @@
+"""Fault injection: reproducible red flags for tests, demos and chaos drills.
+
+``--inject-fault grad_spike:start=20,steps=30,factor=1000`` multiplies the loss (and so
+the pre-clip gradient norm) for 30 steps from step 20; ``nan_grad`` makes the gradients
+non-finite while the loss stays finite; ``nan_loss`` makes the loss NaN; ``crash`` kills
+the process at ``start`` without any clean-up, as a segfault or an OOM kill would.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+FaultKind = Literal["grad_spike", "nan_grad", "nan_loss", "crash"]
+CRASH_EXIT_CODE = 70
+
+
+class FaultPlan(BaseModel):
+    """Which fault to inject, from which step, for how many steps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: FaultKind
+    start: int = Field(0, ge=0)
+    steps: int = Field(1, ge=1)
+    factor: float = Field(1000.0, gt=0)
+
+    def active(self, step: int) -> bool:
+        """Whether the fault applies at optimizer step ``step``."""
+        return self.start <= step < self.start + self.steps
+
+    @classmethod
+    def parse(cls, spec: str) -> FaultPlan:
+        """Parse ``kind[:key=value,...]``; raises ValueError naming the bad part."""
+        kind, _, rest = spec.partition(":")
+        fields: dict[str, str] = {"kind": kind.strip()}
+        for part in filter(None, (p.strip() for p in rest.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise ValueError(f"fault spec {spec!r}: expected key=value, got {part!r}")
+            fields[key.strip()] = value.strip()
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ValueError(f"fault spec {spec!r}: {'.'.join(map(str, first['loc']))}: "
+                             f"{first['msg']}") from None
+
+
+def inject(plan: FaultPlan | None, step: int, loss: torch.Tensor, mel: torch.Tensor
+           ) -> torch.Tensor:
+    """Return the loss to back-propagate at ``step``, with the planned fault applied."""
+    if plan is None or not plan.active(step):
+        return loss
+    if plan.kind == "crash":
+        os._exit(CRASH_EXIT_CODE)
+    if plan.kind == "grad_spike":
+        return loss * plan.factor
+    if plan.kind == "nan_loss":
+        return loss * float("nan")
+    # nan_grad: the loss value stays finite, every gradient through the decoder is NaN.
+    if mel.requires_grad:
+        mel.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    return loss
