@@ -65,3 +65,18 @@ def maxlen_for(key: str) -> int:
         return MAXLEN[Stream(suffix)]
     except ValueError:
         raise ValueError(f"{key!r} is not a Smart Tuner stream") from None
+
+
+def diagnostics_done_key(run_id: str, snapshot_id: str) -> str:
+    """The marker that a snapshot's alignment report was published (idempotent publish)."""
+    return f"{PREFIX}:{validate_run_id(run_id)}:diagnostics-done:{snapshot_id}"
+
+
+def alignment_png_key(run_id: str) -> str:
+    """The latest rendered attention picture of a run (PNG bytes)."""
+    return f"{PREFIX}:{validate_run_id(run_id)}:alignment-png"
+
+
+def alignment_png_meta_key(run_id: str) -> str:
+    """What the picture at ``alignment_png_key`` shows (JSON: snapshot id, step, sample)."""
+    return f"{alignment_png_key(run_id)}:meta"
