@@ -8,7 +8,7 @@ Redis memory bounded; the caps are generous enough for every consumer to keep up
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 
 PREFIX = "smart-tuner"
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -18,7 +18,7 @@ RUNS_KEY = f"{PREFIX}:runs"  # a Redis set of known run ids
 DEAD_LETTER_STREAM = f"{PREFIX}:dead-letter"  # one for all runs: a bad message may have no run
 
 
-class Stream(str, Enum):
+class Stream(StrEnum):
     """The per-run streams of DESIGN.md."""
 
     METRICS = "metrics"

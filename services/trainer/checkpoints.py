@@ -21,7 +21,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -228,7 +228,7 @@ class CheckpointManager:
             size=size,
             healthy=healthy,
             metrics=dict(metrics or {}),
-            created=datetime.now(timezone.utc),
+            created=datetime.now(UTC),
         )
         candidates = {**self._entries, step: info}
         kept = _kept_steps({s: e.healthy for s, e in candidates.items()}, self.keep_last)
@@ -302,7 +302,7 @@ class CheckpointManager:
             sha256=sha256,
             size=size,
             healthy=False,
-            created=datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc),
+            created=datetime.fromtimestamp(path.stat().st_mtime, tz=UTC),
         )
 
     def _remove_temp_files(self) -> None:

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -137,7 +137,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _encode(text: str) -> list[int]:
@@ -322,6 +322,10 @@ class Trainer:
             self.evaluate()
         metrics = dict(self.last_eval.losses) | dict(self.last_eval.scores)
         info = self.checkpoints.save(self._state(), self.step, self._healthy(), metrics)
+        if self.run_state.consecutive_restarts and info.healthy:
+            # Progress after a restart: the crash loop, if any, is over.
+            self.run_state.consecutive_restarts = 0
+            self._write_run_state()
         self._skips_since_checkpoint = 0
         self._max_norm_since_checkpoint = 0.0
         self.save_alignment_plot()
@@ -390,6 +394,11 @@ class Trainer:
         self._record_override("rollback", float(step), float(self.step), source)
         self._skips_since_checkpoint = 0
         return loaded.info
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a stop was requested (by a command or a signal)."""
+        return self._stop_requested
 
     def request_stop(self) -> None:
         """Stop cleanly after the current step (a checkpoint is written)."""

@@ -1,0 +1,65 @@
+"""The bounds of every value a command may set: the trainer's own, named once.
+
+The trainer checks each command against these before applying it (it never trusts the
+sender, DESIGN.md); the control API and the bot check the same bounds first, so a person
+gets the reason at once instead of a ``rejected`` ack a few steps later. The bounds are
+deliberately tighter than what a training config accepts: a config is reviewed before a
+run, a command is typed in the middle of one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from services.core.schemas import VALUE_ACTIONS, Command
+
+LR_MIN = 1e-6
+LR_MAX = 1e-2
+GA_WEIGHT_MIN = 0.0  # zero switches the guided attention loss off
+GA_WEIGHT_MAX = 50.0
+GRAD_CLIP_MIN = 0.01
+GRAD_CLIP_MAX = 1000.0
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A closed interval ``[low, high]`` of finite values."""
+
+    low: float
+    high: float
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` is finite and within the interval."""
+        return math.isfinite(value) and self.low <= value <= self.high
+
+
+# Action -> the interval its value must lie in; exactly the actions that take a value.
+VALUE_BOUNDS: Mapping[str, Bounds] = MappingProxyType({
+    "set_lr": Bounds(LR_MIN, LR_MAX),
+    "set_guided_attention_weight": Bounds(GA_WEIGHT_MIN, GA_WEIGHT_MAX),
+    "set_grad_clip": Bounds(GRAD_CLIP_MIN, GRAD_CLIP_MAX),
+})
+if set(VALUE_BOUNDS) != VALUE_ACTIONS:  # pragma: no cover - guards an edit of either list
+    raise RuntimeError("VALUE_BOUNDS must bound exactly schemas.VALUE_ACTIONS")
+
+
+def check_value(action: str, value: float | None) -> str | None:
+    """Why ``value`` may not be set by ``action`` (one line), or None if it may."""
+    bounds = VALUE_BOUNDS.get(action)
+    if bounds is None:
+        return None if value is None else f"{action} takes no value"
+    if value is None:
+        return f"{action} needs a value"
+    if not math.isfinite(value):
+        return f"{action} value {value} is not a finite number"
+    if not bounds.contains(value):
+        return f"{action} value {value:g} is outside [{bounds.low:g}, {bounds.high:g}]"
+    return None
+
+
+def check_command(command: Command) -> str | None:
+    """Why the trainer must reject ``command`` by its bounds (one line), or None if within."""
+    return check_value(command.action, command.value)
