@@ -13,7 +13,6 @@ from services.core.bus import Consumer, Publisher, connect
 from services.core.schemas import (
     MAX_ATTENTION_CELLS,
     AttentionSample,
-    AttentionSnapshot,
     Command,
     Event,
     MessageError,
@@ -29,7 +28,7 @@ from services.core.streams import (
     stream_key,
     validate_run_id,
 )
-from tests.redis_server import RedisProcess
+from services.launcher.redis_server import RedisProcess
 
 
 def _metrics(run_id: str, step: int, grad_norm: float = 1.0) -> MetricsMessage:

@@ -1,4 +1,8 @@
-"""A private ``redis-server`` process on a free loopback port, for tests that stop Redis."""
+"""Find a Redis, or start a private ``redis-server`` on a free loopback port.
+
+Used by ``smart-tuner up`` when nothing answers at the configured URL, and by the tests
+that need a Redis they can stop and restart.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def answers(url: str, timeout_s: float = 1.0) -> bool:
+    """Whether a Redis at ``url`` answers PING."""
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout_s,
+                                         socket_timeout=timeout_s).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
 class RedisProcess:
-    """Start, stop and restart a throw-away Redis on a fixed port."""
+    """Start, stop and restart a throw-away Redis (nothing on disk) on a fixed port."""
 
     def __init__(self, workdir: Path, port: int | None = None):
         binary = shutil.which("redis-server")
@@ -46,6 +59,10 @@ class RedisProcess:
             except redis.ConnectionError:
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
         """Kill it (its data goes with it: --save '' keeps nothing)."""

@@ -87,6 +87,7 @@ def train(
         raise typer.BadParameter(str(error), param_hint="--inject-fault") from None
     trainer = Trainer(cfg, data, out, resume=resume, device=settings.device, run_id=run_id,
                       resume_from=resume_from, fault=fault)
+    _stop_on_signals(trainer)
     link = None
     if telemetry and settings.redis_url:
         from services.trainer.link import attach
@@ -101,6 +102,21 @@ def train(
     print_summary(summary)
     if not summary["all_indicators_met"]:
         raise typer.Exit(code=2 if until_indicators else 0)
+
+
+def _stop_on_signals(trainer) -> None:
+    """SIGINT/SIGTERM: finish the step, checkpoint, exit cleanly; a second one aborts."""
+    import signal
+
+    def handler(signum: int, frame) -> None:
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        console.print(f"signal {signum}: stopping after this step (again to abort)")
+        trainer.request_stop()
+        trainer.paused = False
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def print_summary(summary: dict) -> None:

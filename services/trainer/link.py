@@ -1,0 +1,62 @@
+"""Connect a Trainer to the bus: telemetry out, commands in. Optional: no URL, no link."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from services.core.bus import Publisher, connect
+from services.trainer.commands import CommandHandler
+from services.trainer.telemetry import Telemetry
+from services.trainer.training import Trainer
+
+log = logging.getLogger(__name__)
+
+FLUSH_TIMEOUT_S = 10.0
+
+
+@dataclass
+class BusLink:
+    """The publisher, telemetry observer and command handler attached to one trainer."""
+
+    publisher: Publisher
+    telemetry: Telemetry
+    commands: CommandHandler
+
+    def close(self) -> bool:
+        """Flush buffered telemetry (bounded wait); False if some could not be sent."""
+        flushed = self.publisher.close(FLUSH_TIMEOUT_S)
+        if not flushed:
+            log.warning("telemetry not fully flushed: %d messages still buffered",
+                        self.publisher.stats.buffered)
+        return flushed
+
+
+def score_enqueuer(redis_url: str):
+    """``enqueue(run_id, entry_id)`` sending the scoring task by name to the diagnostics queue."""
+    from services.core.tasks import DIAGNOSTICS_QUEUE, SCORE_ALIGNMENT, make_client
+
+    app = make_client(redis_url)
+    queue = os.environ.get("SMART_TUNER_DIAGNOSTICS_QUEUE", DIAGNOSTICS_QUEUE)
+
+    def enqueue(run_id: str, entry_id: str) -> None:
+        app.send_task(SCORE_ALIGNMENT, args=[run_id, entry_id], queue=queue)
+
+    return enqueue
+
+
+def attach(trainer: Trainer, redis_url: str, snapshot_every: int | None = None,
+           enqueue_scoring: bool = True) -> BusLink:
+    """Publish the trainer's telemetry and obey its run's commands stream."""
+    client = connect(redis_url)
+    run_id = trainer.run_state.run_id
+    publisher = Publisher(client, run_id)
+    telemetry = Telemetry(publisher, run_id, snapshot_every or trainer.cfg.run.eval_every,
+                          enqueue=score_enqueuer(redis_url) if enqueue_scoring else None)
+    publisher.on_send = telemetry.on_sent
+    commands = CommandHandler(client, run_id, publisher)
+    trainer.observers.append(telemetry)
+    trainer.controllers.append(commands)
+    log.info("telemetry and commands on %s for run %s", redis_url.split("@")[-1], run_id)
+    return BusLink(publisher, telemetry, commands)
