@@ -155,6 +155,7 @@ CommandAction = Literal["set_lr", "set_guided_attention_weight", "set_grad_clip"
                         "checkpoint_now", "pause", "resume", "stop"]
 VALUE_ACTIONS = frozenset({"set_lr", "set_guided_attention_weight", "set_grad_clip"})
 CommandSource = Literal["tuner", "bot", "api", "test"]
+MAX_NOTE_CHARS = 280
 
 
 class Trigger(BaseModel):
@@ -179,7 +180,8 @@ class Command(Message):
     value: float | None = None
     source: CommandSource
     reason: Trigger | None = None
-    requested_by: str = Field(default="", max_length=128)
+    requested_by: str = Field(default="", max_length=128, description="who, e.g. a chat id")
+    note: str = Field(default="", max_length=MAX_NOTE_CHARS, description="why, in words")
     expires_at: float | None = Field(default=None, description="unix time; stale after this")
 
     @model_validator(mode="after")

@@ -1,0 +1,670 @@
+"""The control API of the tuner: read a run's state over HTTP, send it commands.
+
+Reads come straight from the run's Redis streams; a command is validated exactly as the
+tuner's own (``schemas.Command`` and ``bounds.check_command``), written to the run's
+``commands`` stream and, on request, followed until the trainer acks it. Mutating calls
+need ``Authorization: Bearer <SMART_TUNER_API_TOKEN>``; with no token configured they are
+all refused.
+
+Non-finite floats (a diverged gradient norm is a fact worth showing) are written as
+``NaN``/``Infinity`` in responses, exactly as on the bus.
+
+Run it with ``uvicorn --factory services.tuner.api:create_app_from_settings`` (or
+``uvicorn services.tuner.api:app``, built from settings on first access).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+import redis
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+    Security,
+)
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
+
+from services.core.bounds import check_command
+from services.core.bus import connect
+from services.core.logging import setup_logging
+from services.core.schemas import (
+    MAX_NOTE_CHARS,
+    SCHEMAS,
+    Ack,
+    ActionRecord,
+    AlignmentReport,
+    AttentionSnapshot,
+    Command,
+    CommandAction,
+    Event,
+    Message,
+    MessageError,
+    MetricsMessage,
+    decode,
+    encode,
+)
+from services.core.settings import ConfigError, get_settings
+from services.core.streams import (
+    RUN_ID_PATTERN,
+    RUNS_KEY,
+    Stream,
+    alignment_png_key,
+    maxlen_for,
+    stream_key,
+    validate_run_id,
+)
+from services.diagnostics.plots import render_alignment_png
+
+log = logging.getLogger(__name__)
+
+API_TITLE = "Smart Tuner control API"
+API_VERSION = "1"
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+RECENT_EVENTS = 10  # events in a run's state
+MAX_WAIT_S = 30.0  # longest a POST may wait for the trainer's ack
+ACK_BLOCK_MS = 500  # one blocking read of the acks stream; below any client socket timeout
+MAX_EXPIRES_IN_S = 7 * 24 * 3600.0
+REQUESTED_BY = "api"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_MEDIA_TYPE = "image/png"
+OUT_OF_BOUNDS = "out_of_bounds"  # the validation error type of a bounds rejection
+COMMAND_ROUTE = "post_command"  # route name of POST /runs/{run_id}/commands
+UNMATCHED_ROUTE = "<unmatched>"  # route label of requests no route matched
+
+RejectCause = Literal["disabled", "unauthenticated", "forbidden", "unknown_run", "invalid",
+                      "out_of_bounds"]
+
+TAGS = [
+    {"name": "health", "description": "Liveness of the API and its Redis, Prometheus metrics."},
+    {"name": "runs", "description": "What a run is doing: read from its Redis streams."},
+    {"name": "commands", "description": "Corrective commands for the trainer (bearer token)."},
+]
+
+M = TypeVar("M", bound=Message)
+_STREAM_OF: dict[type[Message], Stream] = {schema: stream for stream, schema in SCHEMAS.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --------------------------------------------------------------------------- response models
+
+
+class ErrorResponse(BaseModel):
+    """An error, as FastAPI writes an HTTPException."""
+
+    detail: str = Field(description="what went wrong, in one line")
+
+
+class Health(BaseModel):
+    """The API answers and reaches Redis."""
+
+    status: Literal["ok"] = "ok"
+    redis_latency_ms: float = Field(ge=0, description="round trip of a PING")
+
+
+class RunSummary(BaseModel):
+    """One known run, as listed by ``GET /runs``."""
+
+    run_id: str
+    last_step: int | None = Field(description="step of the newest metrics message, if any")
+    last_event: Event | None = Field(description="the newest lifecycle or health event")
+
+
+class StreamCounts(BaseModel):
+    """Entries currently held in each of a run's streams (they are capped, see streams.py)."""
+
+    metrics: int
+    attention: int
+    diagnostics: int
+    commands: int
+    acks: int
+    actions: int
+    events: int
+
+
+class RunState(BaseModel):
+    """A run at a glance."""
+
+    run_id: str
+    latest_metrics: MetricsMessage | None
+    latest_alignment: AlignmentReport | None
+    recent_events: list[Event] = Field(description=f"the last {RECENT_EVENTS}, newest last")
+    counts: StreamCounts
+
+
+class CommandRequest(BaseModel):
+    """A command as a person sends it; the API fills in the rest of ``schemas.Command``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: CommandAction
+    value: float | None = Field(
+        default=None, description="required by set_* actions, refused by the others")
+    reason_text: str = Field(default="", max_length=MAX_NOTE_CHARS,
+                             description="why; recorded as the command's note")
+    expires_in_s: float | None = Field(
+        default=None, gt=0, le=MAX_EXPIRES_IN_S,
+        description="the trainer drops the command if it has not applied it by then")
+
+
+class CommandAccepted(BaseModel):
+    """A command written to the run's commands stream, and the trainer's ack if awaited."""
+
+    command_id: str
+    stream_id: str = Field(description="entry id in the commands stream")
+    command: Command
+    ack: Ack | None = Field(description="the trainer's ack, when it came within wait_s")
+
+
+ERROR_404 = {404: {"model": ErrorResponse, "description": "Unknown run"}}
+ERROR_503 = {503: {"model": ErrorResponse, "description": "Redis unreachable"}}
+AUTH_ERRORS = {
+    401: {"model": ErrorResponse, "description": "Missing bearer token"},
+    403: {"model": ErrorResponse, "description": "Wrong bearer token"},
+    503: {"model": ErrorResponse,
+          "description": "No API token configured (mutating calls disabled), or Redis "
+                         "unreachable"},
+}
+
+
+def _json_error(description: str, model: str = "ErrorResponse") -> dict[str, Any]:
+    """An error response documented by reference to a schema that other routes list.
+
+    For a route whose success is not JSON (FastAPI documents a ``model`` under the route's
+    own media type) and to describe a 422 without losing FastAPI's own error schema.
+    """
+    schema = {"$ref": f"#/components/schemas/{model}"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+class PngResponse(Response):
+    """A PNG picture."""
+
+    media_type = PNG_MEDIA_TYPE
+
+
+class PrometheusResponse(Response):
+    """A Prometheus exposition (text format unless OpenMetrics was negotiated)."""
+
+    media_type = CONTENT_TYPE_PLAIN_0_0_4
+
+
+# --------------------------------------------------------------------------- Redis access
+
+
+class RunStore:
+    """The API's only access to Redis: reads a run's streams, writes its commands."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    def ping(self) -> float:
+        """Round trip of a PING in milliseconds; raises redis.ConnectionError if down."""
+        started = time.perf_counter()
+        self.client.ping()
+        return (time.perf_counter() - started) * 1000
+
+    def run_ids(self) -> list[str]:
+        """The ids in the runs set that are valid run ids, sorted."""
+        ids = []
+        for member in self.client.smembers(RUNS_KEY):
+            run_id = _text(member)
+            try:
+                ids.append(validate_run_id(run_id))
+            except ValueError:
+                log.warning("ignoring invalid run id %r in %s", run_id, RUNS_KEY)
+        return sorted(ids)
+
+    def exists(self, run_id: str) -> bool:
+        """Whether ``run_id`` is in the runs set (every publisher adds its run there)."""
+        return bool(self.client.sismember(RUNS_KEY, run_id))
+
+    @staticmethod
+    def _decode(entries: list[Any], schema: type[M]) -> list[M]:
+        """Parse stream entries, skipping (and logging) any that is not a valid message."""
+        messages = []
+        for entry_id, fields in entries:
+            try:
+                messages.append(decode(fields, schema))
+            except MessageError as error:
+                log.warning("skipping %s entry %s: %s", schema.__name__, _text(entry_id),
+                            error.reason)
+        return messages  # type: ignore[return-value]  # decode returns the schema's type
+
+    def recent(self, run_id: str, schema: type[M], limit: int) -> list[M]:
+        """The newest ``limit`` messages of the stream carrying ``schema``, newest last."""
+        key = stream_key(run_id, _STREAM_OF[schema])
+        return self._decode(self.client.xrevrange(key, count=limit), schema)[::-1]
+
+    def latest(self, run_id: str, schema: type[M]) -> M | None:
+        """The newest message of the stream carrying ``schema``."""
+        newest = self.recent(run_id, schema, 1)
+        return newest[0] if newest else None
+
+    def summaries(self) -> list[RunSummary]:
+        """Every known run with its last step and last event, in one round trip."""
+        run_ids = self.run_ids()
+        pipe = self.client.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.xrevrange(stream_key(run_id, Stream.METRICS), count=1)
+            pipe.xrevrange(stream_key(run_id, Stream.EVENTS), count=1)
+        replies = pipe.execute()
+        summaries = []
+        for index, run_id in enumerate(run_ids):
+            metrics = self._decode(replies[2 * index], MetricsMessage)
+            events = self._decode(replies[2 * index + 1], Event)
+            summaries.append(RunSummary(run_id=run_id,
+                                        last_step=metrics[0].step if metrics else None,
+                                        last_event=events[0] if events else None))
+        return summaries
+
+    def counts(self, run_id: str) -> StreamCounts:
+        """XLEN of each of the run's streams."""
+        pipe = self.client.pipeline(transaction=False)
+        for stream in Stream:
+            pipe.xlen(stream_key(run_id, stream))
+        lengths = pipe.execute()
+        return StreamCounts(**{stream.value: n for stream, n in zip(Stream, lengths,
+                                                                      strict=True)})
+
+    def last_id(self, run_id: str, stream: Stream) -> str:
+        """Id of the newest entry of a stream, ``0-0`` when empty: where to read on from."""
+        newest = self.client.xrevrange(stream_key(run_id, stream), count=1)
+        return _text(newest[0][0]) if newest else "0-0"
+
+    def publish(self, command: Command) -> str:
+        """XADD ``command`` to its run's commands stream; returns the entry id."""
+        key = stream_key(command.run_id, Stream.COMMANDS)
+        return _text(self.client.xadd(key, encode(command), maxlen=maxlen_for(key),
+                                      approximate=True))
+
+    def wait_for_ack(self, run_id: str, command_id: str, after_id: str,
+                     timeout_s: float) -> Ack | None:
+        """The ack of ``command_id`` written after ``after_id``, or None after ``timeout_s``."""
+        key = stream_key(run_id, Stream.ACKS)
+        deadline = time.monotonic() + timeout_s
+        while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
+            reply = self.client.xread({key: after_id}, count=100,
+                                      block=min(ACK_BLOCK_MS, left_ms))
+            for _, entries in reply or []:
+                after_id = _text(entries[-1][0])
+                for ack in self._decode(entries, Ack):
+                    if ack.command_id == command_id:
+                        return ack
+        return None
+
+    def stored_png(self, run_id: str) -> bytes | None:
+        """The alignment PNG stored by the diagnostics worker, if there is a valid one."""
+        data = self.client.get(alignment_png_key(run_id))
+        if data is None:
+            return None
+        if not data.startswith(PNG_SIGNATURE):
+            log.warning("%s does not hold a PNG; ignoring it", alignment_png_key(run_id))
+            return None
+        return data
+
+
+def render_snapshot(snapshot: AttentionSnapshot, report: AlignmentReport | None) -> bytes:
+    """PNG of sample 0 of ``snapshot``, with its scores when ``report`` is of this snapshot.
+
+    Raises MessageError when the sample's payload does not decode.
+    """
+    sample = snapshot.samples[0]
+    scores = None
+    if report is not None and report.snapshot_id == snapshot.snapshot_id:
+        scores = (report.per_sample[0] if report.per_sample else report.scores).model_dump()
+    return render_alignment_png(
+        sample.to_array(), title=f"{snapshot.run_id} · step {snapshot.step} · sample 0",
+        input_length=sample.input_length, output_length=sample.output_length, scores=scores)
+
+
+# --------------------------------------------------------------------------- app context
+
+
+class ApiMetrics:
+    """The API's own Prometheus registry: requests and the fate of commands."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "smart_tuner_api_requests", "HTTP requests served, by route template and status",
+            ["method", "route", "status"], registry=self.registry)
+        self.commands_accepted = Counter(
+            "smart_tuner_api_commands_accepted", "Commands written to a commands stream",
+            ["action"], registry=self.registry)
+        self.commands_rejected = Counter(
+            "smart_tuner_api_commands_rejected", "Command requests refused, by cause",
+            ["cause"], registry=self.registry)
+        for action in get_args(CommandAction):  # every series exists from the start, at 0
+            self.commands_accepted.labels(action)
+        for cause in get_args(RejectCause):
+            self.commands_rejected.labels(cause)
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """What every request of one app shares (kept on ``app.state.context``)."""
+
+    store: RunStore
+    metrics: ApiMetrics
+    token: bytes | None = field(repr=False)
+
+
+def get_context(request: Request) -> ApiContext:
+    """The app's context (a dependency)."""
+    return request.app.state.context
+
+
+def get_store(request: Request) -> RunStore:
+    """The app's Redis store (a dependency)."""
+    return get_context(request).store
+
+
+Store = Annotated[RunStore, Depends(get_store)]
+RunIdPath = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="a run id",
+                                examples=["ljspeech-base-1"])]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="how many, newest last")]
+
+
+def refuse(request: Request, cause: RejectCause, reason: str) -> None:
+    """Count and log a refused command request (the caller then answers the error)."""
+    get_context(request).metrics.commands_rejected.labels(cause).inc()
+    log.warning("command for run %s refused (%s): %s",
+                request.path_params.get("run_id", "?"), cause, reason)
+
+
+def known_run(run_id: RunIdPath, store: Store) -> str:
+    """The path's run id, if the run is known (a dependency); 404 otherwise."""
+    if not store.exists(run_id):
+        raise HTTPException(404, detail=f"unknown run {run_id!r}")
+    return run_id
+
+
+KnownRun = Annotated[str, Depends(known_run)]
+BEARER = HTTPBearer(auto_error=False, description="SMART_TUNER_API_TOKEN")
+
+
+def require_token(request: Request,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
+                  ) -> None:
+    """Let a mutating call through only with the configured bearer token (a dependency)."""
+    token = get_context(request).token
+    if token is None:
+        refuse(request, "disabled", "no API token configured")
+        raise HTTPException(503, detail="mutating calls are disabled: no API token is "
+                                        "configured (set SMART_TUNER_API_TOKEN)")
+    if credentials is None:
+        refuse(request, "unauthenticated", "no bearer token")
+        raise HTTPException(401, detail="missing bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(credentials.credentials.encode(), token):
+        refuse(request, "forbidden", "wrong bearer token")
+        raise HTTPException(403, detail="invalid bearer token")
+
+
+def _rejection(errors: list[dict[str, Any]]) -> RequestValidationError:
+    """A 422 in FastAPI's own shape, for errors found after the body parsed."""
+    return RequestValidationError([{"type": e["type"], "loc": ("body", *e["loc"]),
+                                    "msg": e["msg"]} for e in errors])
+
+
+def _summary(errors: Any) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+
+
+# --------------------------------------------------------------------------- endpoints
+# Each asks the store and shapes the answer; rules live in schemas, bounds and the store.
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["health"], summary="Liveness", responses=ERROR_503)
+def healthz(store: Store) -> Health:
+    """200 when the API answers and Redis replies to a PING, 503 otherwise."""
+    return Health(redis_latency_ms=store.ping())
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics",
+            response_class=PrometheusResponse,
+            responses={200: {"description": "Prometheus text format (OpenMetrics if the "
+                                            "Accept header asks for it)",
+                             "content": {CONTENT_TYPE_PLAIN_0_0_4: {"schema": {"type": "string"}},
+                                         OPENMETRICS_CONTENT_TYPE: {
+                                             "schema": {"type": "string"}}}}})
+def metrics(request: Request) -> PrometheusResponse:
+    """Requests by route and status; commands accepted by action, refused by cause."""
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    return PrometheusResponse(encoder(get_context(request).metrics.registry),
+                              media_type=content_type)
+
+
+@router.get("/runs", tags=["runs"], summary="List runs", responses=ERROR_503)
+def list_runs(store: Store) -> list[RunSummary]:
+    """Every run in the runs set, with its last step and its last event."""
+    return store.summaries()
+
+
+@router.get("/runs/{run_id}", tags=["runs"], summary="A run's state",
+            responses=ERROR_404 | ERROR_503)
+def run_state(run_id: KnownRun, store: Store) -> RunState:
+    """Newest metrics, newest alignment report, the last few events, stream lengths."""
+    return RunState(run_id=run_id, latest_metrics=store.latest(run_id, MetricsMessage),
+                    latest_alignment=store.latest(run_id, AlignmentReport),
+                    recent_events=store.recent(run_id, Event, RECENT_EVENTS),
+                    counts=store.counts(run_id))
+
+
+@router.get("/runs/{run_id}/metrics", tags=["runs"], summary="Recent step metrics",
+            responses=ERROR_404 | ERROR_503)
+def run_metrics(run_id: KnownRun, store: Store,
+                limit: Limit = DEFAULT_LIMIT) -> list[MetricsMessage]:
+    """The last ``limit`` per-step metrics messages, newest last."""
+    return store.recent(run_id, MetricsMessage, limit)
+
+
+@router.get("/runs/{run_id}/diagnostics", tags=["runs"], summary="Recent alignment reports",
+            responses=ERROR_404 | ERROR_503)
+def run_diagnostics(run_id: KnownRun, store: Store,
+                    limit: Limit = DEFAULT_LIMIT) -> list[AlignmentReport]:
+    """The last ``limit`` alignment reports of the diagnostics worker, newest last."""
+    return store.recent(run_id, AlignmentReport, limit)
+
+
+@router.get("/runs/{run_id}/actions", tags=["runs"], summary="Recent tuner actions",
+            responses=ERROR_404 | ERROR_503)
+def run_actions(run_id: KnownRun, store: Store,
+                limit: Limit = DEFAULT_LIMIT) -> list[ActionRecord]:
+    """The last ``limit`` audit records (trigger → command → ack → effect), newest last."""
+    return store.recent(run_id, ActionRecord, limit)
+
+
+@router.get("/runs/{run_id}/events", tags=["runs"], summary="Recent events",
+            responses=ERROR_404 | ERROR_503)
+def run_events(run_id: KnownRun, store: Store, limit: Limit = DEFAULT_LIMIT) -> list[Event]:
+    """The last ``limit`` lifecycle and health events, newest last."""
+    return store.recent(run_id, Event, limit)
+
+
+@router.get("/runs/{run_id}/acks", tags=["runs"], summary="Recent command acks",
+            responses=ERROR_404 | ERROR_503)
+def run_acks(run_id: KnownRun, store: Store, limit: Limit = DEFAULT_LIMIT) -> list[Ack]:
+    """The trainer's last ``limit`` acks, newest last."""
+    return store.recent(run_id, Ack, limit)
+
+
+@router.get("/runs/{run_id}/alignment.png", tags=["runs"], summary="Latest alignment picture",
+            response_class=PngResponse,
+            responses={200: {"description": "The attention matrix of sample 0",
+                             "content": {PNG_MEDIA_TYPE: {"schema": {"type": "string",
+                                                                     "format": "binary"}}}},
+                       404: _json_error("Unknown run, or no picture yet"),
+                       503: _json_error(ERROR_503[503]["description"])})
+def alignment_png(run_id: KnownRun, store: Store) -> PngResponse:
+    """The PNG the diagnostics worker stored; else sample 0 of the newest attention snapshot,
+    drawn now (with its scores when the newest alignment report is of that snapshot)."""
+    png = store.stored_png(run_id)
+    if png is None:
+        snapshot = store.latest(run_id, AttentionSnapshot)
+        if snapshot is None:
+            raise HTTPException(404, detail=f"no alignment picture for run {run_id!r} yet")
+        try:
+            png = render_snapshot(snapshot, store.latest(run_id, AlignmentReport))
+        except MessageError as error:
+            raise HTTPException(404, detail=f"the newest attention snapshot of run "
+                                            f"{run_id!r} does not decode: {error.reason}"
+                                ) from error
+    return PngResponse(png, headers={"Cache-Control": "no-store"})
+
+
+@router.post("/runs/{run_id}/commands", name=COMMAND_ROUTE, tags=["commands"],
+             summary="Send a command", status_code=202, dependencies=[Depends(require_token)],
+             responses={200: {"model": CommandAccepted,
+                              "description": "Written, and acked by the trainer within wait_s "
+                                             "(the ack is in the body)"},
+                        202: {"description": "Written to the run's commands stream; not acked "
+                                           "yet, or not awaited"},
+                        404: ERROR_404[404],
+                        422: _json_error("Invalid command (unknown action, value missing or "
+                                         "not taken, outside the trainer's bounds, bad expiry) "
+                                         "or run id; each error's msg is the reason",
+                                         "HTTPValidationError")} | AUTH_ERRORS)
+def post_command(run_id: RunIdPath, body: CommandRequest, request: Request, response: Response,
+                 store: Store, wait_s: Annotated[float, Query(
+                     ge=0, le=MAX_WAIT_S, description="wait up to this long for the ack")] = 0.0,
+                 ) -> CommandAccepted:
+    """Validate a command as the tuner's are (the schema, then the trainer's bounds), write
+    it to the run's commands stream, and, with ``wait_s``, wait for the trainer's ack.
+
+    A command that fails validation is answered 422 with the reason and never written.
+    """
+    if not store.exists(run_id):
+        refuse(request, "unknown_run", f"unknown run {run_id!r}")
+        raise HTTPException(404, detail=f"unknown run {run_id!r}")
+    expires_at = None if body.expires_in_s is None else time.time() + body.expires_in_s
+    try:
+        command = Command(run_id=run_id, action=body.action, value=body.value, source="api",
+                          requested_by=REQUESTED_BY, note=body.reason_text,
+                          expires_at=expires_at)
+    except ValidationError as error:
+        raise _rejection(error.errors()) from error
+    reason = check_command(command)
+    if reason is not None:
+        raise _rejection([{"type": OUT_OF_BOUNDS, "loc": ("value",), "msg": reason}])
+    after_id = store.last_id(run_id, Stream.ACKS) if wait_s else "0-0"
+    stream_id = store.publish(command)
+    get_context(request).metrics.commands_accepted.labels(command.action).inc()
+    log.info("command %s for run %s written: %s %s (%s)", command.command_id, run_id,
+             command.action, command.value, command.note)
+    ack = store.wait_for_ack(run_id, command.command_id, after_id, wait_s) if wait_s else None
+    if ack is not None:
+        response.status_code = 200
+    return CommandAccepted(command_id=command.command_id, stream_id=stream_id, command=command,
+                           ack=ack)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+class RequestMetricsMiddleware:
+    """Count every HTTP request by method, route template (not raw path) and status."""
+
+    def __init__(self, app: ASGIApp, counter: Counter):
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, noting the status it was answered with."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_noting_status(message: AsgiMessage) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
+            self.counter.labels(scope["method"], route, str(status)).inc()
+
+
+async def _on_validation_error(request: Request, error: RequestValidationError) -> Response:
+    """FastAPI's own 422, after counting and logging it when it refuses a command."""
+    if getattr(request.scope.get("route"), "name", None) == COMMAND_ROUTE:
+        errors = error.errors()
+        cause = "out_of_bounds" if any(e["type"] == OUT_OF_BOUNDS for e in errors) else "invalid"
+        refuse(request, cause, _summary(errors))
+    return await request_validation_exception_handler(request, error)
+
+
+async def _on_redis_down(request: Request, error: Exception) -> Response:
+    """503 instead of a stack trace while Redis is unreachable."""
+    log.warning("%s %s: Redis unreachable: %s", request.method, request.url.path, error)
+    return JSONResponse({"detail": f"Redis unreachable: {error}"}, status_code=503)
+
+
+def create_app(client: redis.Redis, api_token: str | None) -> FastAPI:
+    """The control API over ``client``; an empty or missing ``api_token`` disables commands."""
+    app = FastAPI(title=API_TITLE, version=API_VERSION, openapi_tags=TAGS,
+                  description=(__doc__ or "").split("\n\n", 1)[1])
+    metrics = ApiMetrics()
+    app.state.context = ApiContext(RunStore(client), metrics,
+                                   api_token.encode() if api_token else None)
+    if not api_token:
+        log.warning("no API token configured: every command request will be refused")
+    app.add_middleware(RequestMetricsMiddleware, counter=metrics.requests)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    for error in (redis.ConnectionError, redis.TimeoutError):
+        app.add_exception_handler(error, _on_redis_down)
+    app.include_router(router)
+    return app
+
+
+def create_app_from_settings() -> FastAPI:
+    """The control API as configured by the environment (``uvicorn --factory`` target)."""
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    if settings.redis_url is None:
+        raise ConfigError("the control API needs SMART_TUNER_REDIS_URL")
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    return create_app(connect(settings.redis_url), token)
+
+
+@lru_cache(maxsize=1)
+def _default_app() -> FastAPI:
+    return create_app_from_settings()
+
+
+def __getattr__(name: str) -> Any:
+    """``app``: the app built from settings on first access (``uvicorn ...api:app``)."""
+    if name == "app":
+        return _default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
