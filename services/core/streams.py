@@ -80,3 +80,8 @@ def alignment_png_key(run_id: str) -> str:
 def alignment_png_meta_key(run_id: str) -> str:
     """What the picture at ``alignment_png_key`` shows (JSON: snapshot id, step, sample)."""
     return f"{alignment_png_key(run_id)}:meta"
+
+
+def tuner_key(run_id: str, name: str) -> str:
+    """A key the tuner keeps for one run, e.g. ``smart-tuner:run42:tuner:memory``."""
+    return f"{PREFIX}:{validate_run_id(run_id)}:tuner:{name}"

@@ -1,0 +1,222 @@
+"""The tuner's policy configuration: every threshold, bound, cooldown and window, one file.
+
+The plan's numbers (red flags, success thresholds) default to ``services.core.indicators``
+so the tuner, the alert rules and the report agree on them; ``config/tuner.toml`` sets only
+what is the tuner's own choice and may override a plan number deliberately. Unknown keys are
+errors (a misspelt key must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from services.core import bounds as command_bounds
+from services.core import indicators
+from services.core.settings import ConfigError
+
+# plan-ru.md 2.1: "diagonality < 0.3 -> CRITICAL: Poor attention alignment". Not a red flag
+# of the plan's list, so it lives here rather than in services.core.indicators.
+DIAGONALITY_LOW = 0.3
+
+
+class TunerConfigError(ConfigError):
+    """The tuner config file is missing, not TOML, or has an invalid field (named)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GradNormRule(_Section):
+    """Exploding gradients (red flag): halve the LR, raise a critical event."""
+
+    red_flag: float = Field(indicators.GRAD_NORM_RED_FLAG, gt=0,
+                            description="pre-clip grad norm above this is a red flag")
+    window: int = Field(20, ge=1, description="K: the last K steps are judged")
+    min_above: int = Field(10, ge=1, description="m: fire when >= m of the last K are above")
+    recover_below: float = Field(50.0, gt=0, description="recovered: all of the recovery "
+                                 "window below this")
+    recover_window: int = Field(100, ge=1, description="steps the recovery must hold")
+    lr_factor: float = Field(0.5, gt=0, lt=1)
+    cooldown_steps: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> GradNormRule:
+        if self.min_above > self.window:
+            raise ValueError(f"min_above ({self.min_above}) exceeds window ({self.window})")
+        if self.recover_below > self.red_flag:
+            raise ValueError("recover_below must not exceed red_flag (hysteresis)")
+        return self
+
+
+class AlignmentRule(_Section):
+    """Poor alignment after warm-up: raise the guided attention weight; red flag below 0.1."""
+
+    low: float = Field(DIAGONALITY_LOW, gt=0, le=1)
+    min_reports: int = Field(2, ge=1, description="consecutive reports below `low` to act")
+    ga_factor: float = Field(1.5, gt=1)
+    cooldown_steps: int = Field(300, ge=1)
+    red_flag: float = Field(indicators.DIAGONALITY_RED_FLAG, ge=0, lt=1)
+    recover_above: float = Field(0.2, gt=0, le=1, description="hysteresis level of the red "
+                                 "flag: recovered when the last reports are all above it")
+    recover_reports: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> AlignmentRule:
+        if not self.red_flag < self.recover_above:
+            raise ValueError("recover_above must exceed red_flag (hysteresis)")
+        if self.red_flag > self.low:
+            raise ValueError("red_flag must not exceed low")
+        return self
+
+
+class PlateauRule(_Section):
+    """Objective not improving for 1000 steps (red flag): lower the LR; at the floor, stop."""
+
+    steps: int = Field(indicators.LOSS_PLATEAU_STEPS_RED_FLAG, ge=1)
+    min_rel_improvement: float = Field(0.01, ge=0, lt=1,
+                                       description="a new best must be this much lower")
+    smoothing: int = Field(50, ge=1, description="steps in the moving mean of the objective")
+    lr_factor: float = Field(0.5, gt=0, lt=1)
+    cooldown_steps: int = Field(500, ge=1)
+
+
+class NonFiniteRule(_Section):
+    """Repeated non-finite steps: roll back to the last good checkpoint, then lower the LR."""
+
+    window: int = Field(20, ge=1, description="n: the last n steps are judged")
+    min_count: int = Field(3, ge=1, description="k: fire when >= k of them were not finite")
+    lr_factor: float = Field(0.5, gt=0, lt=1)
+    cooldown_steps: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> NonFiniteRule:
+        if self.min_count > self.window:
+            raise ValueError(f"min_count ({self.min_count}) exceeds window ({self.window})")
+        return self
+
+
+class RestartsRule(_Section):
+    """Crash loop (red flag): stop when consecutive restarts exceed the plan's limit."""
+
+    max_consecutive: int = Field(indicators.CONSECUTIVE_RESTARTS_RED_FLAG, ge=0)
+
+
+class AnnealRule(_Section):
+    """Stable alignment: lower the guided attention weight so it stops constraining."""
+
+    stable_above: float = Field(indicators.DIAGONALITY_OK, gt=0, lt=1)
+    min_reports: int = Field(4, ge=1, description="consecutive reports above to act")
+    ga_factor: float = Field(0.5, gt=0, lt=1)
+    cooldown_steps: int = Field(500, ge=1)
+
+
+class Bounds(_Section):
+    """What the tuner may command: within the trainer's own bounds (services.core.bounds)."""
+
+    lr_min: float = Field(1e-5, gt=0, description="the tuner's LR floor (the trainer's "
+                          "min_learning_rate default); the trainer would accept lower")
+    lr_max: float = Field(command_bounds.LR_MAX, gt=0)
+    ga_weight_min: float = Field(0.05, ge=0, description="annealing floor; also the weight a "
+                                 "raise starts from when the weight is 0")
+    ga_weight_max: float = Field(5.0, gt=0, description="cap of the raises")
+
+    @model_validator(mode="after")
+    def _check(self) -> Bounds:
+        if self.lr_min >= self.lr_max:
+            raise ValueError("lr_min must be below lr_max")
+        if self.ga_weight_min >= self.ga_weight_max:
+            raise ValueError("ga_weight_min must be below ga_weight_max")
+        # A command outside the trainer's bounds would only come back "rejected".
+        for action, low, high in (("set_lr", self.lr_min, self.lr_max),
+                                  ("set_guided_attention_weight", self.ga_weight_min,
+                                   self.ga_weight_max)):
+            trainer = command_bounds.VALUE_BOUNDS[action]
+            if not (trainer.contains(low) and trainer.contains(high)):
+                raise ValueError(f"{action} bounds [{low:g}, {high:g}] must lie within the "
+                                 f"trainer's [{trainer.low:g}, {trainer.high:g}]")
+        return self
+
+
+class ServiceConfig(_Section):
+    """The loop around the policy: window sizes, command expiry, measuring, reclaiming."""
+
+    metrics_window: int = Field(200, ge=1, description="metrics kept per run")
+    reports_window: int = Field(16, ge=1, description="alignment reports kept per run")
+    command_ttl_s: float = Field(300.0, gt=0, description="a command expires after this")
+    ack_grace_s: float = Field(60.0, ge=0, description="after expiry + grace an unacked "
+                               "command stops blocking its rule")
+    measure_after_steps: int = Field(100, ge=1, description="effect measured N steps after "
+                                     "the ack")
+    max_lag_s: float = Field(300.0, gt=0, description="older messages update the window but "
+                             "trigger nothing (catching up on history must not act on it)")
+    poll_count: int = Field(100, ge=1)
+    claim_idle_ms: int = Field(30_000, ge=1)
+    claim_every_s: float = Field(30.0, gt=0)
+    issued_ttl_s: int = Field(30 * 24 * 3600, ge=60, description="life of the per-run "
+                              "idempotency keys")
+
+
+class TunerConfig(_Section):
+    """The whole policy configuration."""
+
+    warmup_steps: int = Field(300, ge=0, description="alignment rules wait this many steps")
+    grad_norm: GradNormRule = Field(default_factory=GradNormRule)
+    alignment: AlignmentRule = Field(default_factory=AlignmentRule)
+    plateau: PlateauRule = Field(default_factory=PlateauRule)
+    non_finite: NonFiniteRule = Field(default_factory=NonFiniteRule)
+    restarts: RestartsRule = Field(default_factory=RestartsRule)
+    anneal: AnnealRule = Field(default_factory=AnnealRule)
+    bounds: Bounds = Field(default_factory=Bounds)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TunerConfig:
+        needed = {"grad_norm.window": self.grad_norm.window,
+                  "grad_norm.recover_window": self.grad_norm.recover_window,
+                  "non_finite.window": self.non_finite.window,
+                  "plateau.smoothing": self.plateau.smoothing,
+                  "service.measure_after_steps": self.service.measure_after_steps}
+        for name, steps in needed.items():
+            if steps > self.service.metrics_window:
+                raise ValueError(f"{name} ({steps}) exceeds service.metrics_window "
+                                 f"({self.service.metrics_window})")
+        reports = {"alignment.min_reports": self.alignment.min_reports,
+                   "alignment.recover_reports": self.alignment.recover_reports,
+                   "anneal.min_reports": self.anneal.min_reports}
+        for name, count in reports.items():
+            if count > self.service.reports_window:
+                raise ValueError(f"{name} ({count}) exceeds service.reports_window "
+                                 f"({self.service.reports_window})")
+        if self.anneal.stable_above <= self.alignment.low:
+            raise ValueError("anneal.stable_above must exceed alignment.low, or raising and "
+                             "annealing the weight could chase each other")
+        return self
+
+
+def _describe(error: ValidationError, path: Path) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "<root>"
+        lines.append(f"{path}: {field}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid tuner config:\n  " + "\n  ".join(lines)
+
+
+def load_tuner_config(path: str | Path) -> TunerConfig:
+    """Read and validate a tuner TOML file; TunerConfigError names the file and each field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TunerConfigError(f"{path}: tuner config file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise TunerConfigError(f"{path}: cannot read tuner config: {error}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise TunerConfigError(f"{path}: not valid TOML: {error}") from error
+    try:
+        return TunerConfig.model_validate(raw)
+    except ValidationError as error:
+        raise TunerConfigError(_describe(error, path)) from error

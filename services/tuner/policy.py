@@ -1,0 +1,456 @@
+"""The tuner's rules: a run's window in, decisions out; no I/O, no clock.
+
+Each rule is one function below and ``decide`` runs them in priority order (a crash loop
+outranks exploding gradients, which outrank a plateau). The old tuner made 198 "fixes" per
+100 steps; here every command has a cooldown in trained steps, never goes out while the
+rule's previous command (or any command moving the same setting) awaits its ack, and every
+alarm is a latch with hysteresis: raised once, cleared only after a sustained recovery.
+
+``apply_decision`` is the one place a decision changes the window (cooldown, in-flight,
+latches); the service calls it for each decision it publishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.core import indicators
+from services.core.schemas import (
+    VALUE_ACTIONS,
+    CommandAction,
+    Effect,
+    EventKind,
+    FiniteOrNot,
+    Severity,
+    Trigger,
+)
+from services.tuner.config import TunerConfig
+from services.tuner.state import STOPPED, RunWindow
+
+RULE_RESTARTS = "restarts"
+RULE_NON_FINITE = "non_finite"
+RULE_GRAD_NORM = "grad_norm"
+RULE_PLATEAU = "plateau"
+RULE_ALIGNMENT = "alignment"
+RULE_ALIGNMENT_RED_FLAG = "alignment_red_flag"
+RULE_ANNEAL = "anneal"
+RULE_INDICATORS = "indicators"
+
+# An LR within this relative distance of the floor counts as at the floor (float noise).
+_AT_FLOOR = 1e-6
+
+MeasuredMetric = Literal["grad_norm", "diagonality", "objective", "non_finite"]
+
+
+class EventSpec(BaseModel):
+    """An event a decision asks the service to emit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event: EventKind
+    severity: Severity
+    detail: str = Field(max_length=4000)
+
+
+class Measure(BaseModel):
+    """How to judge a command's effect later: the metric, its value at the trigger, the goal."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+    metric: MeasuredMetric
+    before: FiniteOrNot
+    target: float
+    recovered_when: Literal["below", "above"]
+
+
+class Decision(BaseModel):
+    """One thing the policy wants done: a command (action + value) or an event."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+    rule: str
+    step: int = Field(ge=0, description="the training step the decision was taken at")
+    generation: int = Field(0, ge=0, description="rewinds seen; a replayed step differs")
+    trigger: Trigger
+    action: CommandAction | None = None
+    value: float | None = None
+    event: EventSpec | None = None
+    measure: Measure | None = None
+    latch: str | None = None  # hysteresis flag this decision raises
+    unlatch: str | None = None  # hysteresis flag this decision clears
+    discriminator: str = ""  # tells apart decisions that share rule, step and generation
+
+    @model_validator(mode="after")
+    def _check(self) -> Decision:
+        if (self.action is None) == (self.event is None):
+            raise ValueError("a decision is either a command or an event")
+        if self.action is not None and (self.action in VALUE_ACTIONS) != (self.value is not None):
+            raise ValueError(f"{self.action}: value {self.value!r} does not fit the action")
+        return self
+
+    @property
+    def key(self) -> str:
+        """Idempotency key: the same trigger always yields the same key."""
+        kind = self.action if self.action is not None else f"event.{self.event.event}"
+        key = f"{self.rule}:{kind}@{self.step}:g{self.generation}"
+        return f"{key}:{self.discriminator}" if self.discriminator else key
+
+
+def command_id_for(run_id: str, decision: Decision) -> str:
+    """A command id derived from (run, rule, action, trigger step, generation) alone."""
+    digest = hashlib.sha256(f"{run_id}|{decision.key}".encode()).hexdigest()
+    return f"tuner-{digest[:32]}"
+
+
+def apply_decision(window: RunWindow, decision: Decision, command_id: str | None = None,
+                   expires_at: float | None = None) -> None:
+    """Record a published (or already published) decision in the window."""
+    if decision.action is not None:
+        window.record_fired(decision.rule, decision.step, command_id, decision.action,
+                            expires_at)
+        if decision.action == "stop":
+            window.set_latch(STOPPED, True)
+    if decision.latch is not None:
+        window.set_latch(decision.latch, True)
+    if decision.unlatch is not None:
+        window.set_latch(decision.unlatch, False)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _sortable(value: float) -> float:
+    # A NaN gradient norm is worse than any number, not incomparable.
+    return math.inf if math.isnan(value) else value
+
+
+def _median(values: Iterable[float]) -> float:
+    ordered = [_sortable(v) for v in values]
+    return statistics.median(ordered) if ordered else math.nan
+
+
+def _kth_largest(values: Iterable[float], k: int) -> float:
+    ordered = sorted((_sortable(v) for v in values), reverse=True)
+    return ordered[k - 1] if len(ordered) >= k else math.nan
+
+
+class _Builder:
+    """Shared context of one ``decide`` call: the window, and which settings are taken."""
+
+    def __init__(self, window: RunWindow, config: TunerConfig):
+        self.window = window
+        self.config = config
+        self.taken: set[str] = set()  # actions already decided in this call
+
+    def can_command(self, rule: str, actions: Iterable[str], cooldown_steps: int) -> bool:
+        """No cooldown, nothing of the rule in flight, and the settings are free."""
+        window = self.window
+        if STOPPED in window.memory.latched:
+            return False
+        if window.cooling_down(rule, cooldown_steps) or window.rule_in_flight(rule):
+            return False
+        return not any(action in self.taken or window.knob_in_flight(action)
+                       for action in actions)
+
+    def command(self, rule: str, trigger: Trigger, action: CommandAction,
+                value: float | None = None, measure: Measure | None = None,
+                discriminator: str = "") -> Decision:
+        """A command decision at the current step."""
+        self.taken.add(action)
+        return Decision(rule=rule, step=max(self.window.step, 0),
+                        generation=self.window.memory.generation, trigger=trigger,
+                        action=action, value=value, measure=measure,
+                        discriminator=discriminator)
+
+    def event(self, rule: str, trigger: Trigger, event: EventKind, severity: Severity,
+              detail: str, latch: str | None = None, unlatch: str | None = None,
+              discriminator: str = "") -> Decision:
+        """An event decision at the current step."""
+        return Decision(rule=rule, step=max(self.window.step, 0),
+                        generation=self.window.memory.generation, trigger=trigger,
+                        event=EventSpec(event=event, severity=severity, detail=detail),
+                        latch=latch, unlatch=unlatch, discriminator=discriminator)
+
+    def lowered_lr(self, factor: float) -> float | None:
+        """The LR after lowering by ``factor`` within bounds, or None if it cannot go lower."""
+        lr = self.window.lr
+        bounds = self.config.bounds
+        if lr is None:
+            return None
+        new = min(bounds.lr_max, max(bounds.lr_min, lr * factor))
+        return new if new < lr * (1 - _AT_FLOOR) else None
+
+
+# ---------------------------------------------------------------------- the rules
+
+
+def _restarts(b: _Builder) -> list[Decision]:
+    """More than the plan's limit of consecutive restarts: stop the run, once per episode."""
+    cfg = b.config.restarts
+    memory = b.window.memory
+    count = memory.consecutive_restarts
+    trigger = Trigger(rule=RULE_RESTARTS, metric="consecutive_restarts", value=float(count),
+                      threshold=float(cfg.max_consecutive), window=0)
+    episode = f"r{round(memory.last_restart_ts * 1000)}"
+    if count > cfg.max_consecutive and RULE_RESTARTS not in memory.latched:
+        decisions = [b.event(RULE_RESTARTS, trigger, "red_flag", "critical",
+                             f"{count} consecutive restarts (more than "
+                             f"{cfg.max_consecutive}): stopping the run",
+                             latch=RULE_RESTARTS, discriminator=episode)]
+        if STOPPED not in memory.latched:
+            decisions.insert(0, b.command(RULE_RESTARTS, trigger, "stop",
+                                          discriminator=episode))
+        return decisions
+    if count <= cfg.max_consecutive and RULE_RESTARTS in memory.latched:
+        return [b.event(RULE_RESTARTS, trigger, "recovered", "info",
+                        f"consecutive restarts back to {count}", unlatch=RULE_RESTARTS,
+                        discriminator=episode)]
+    return []
+
+
+def _non_finite(b: _Builder) -> list[Decision]:
+    """Repeated non-finite steps: rollback, then a lower LR (in that order)."""
+    cfg = b.config.non_finite
+    recent = b.window.last_metrics(cfg.window)
+    bad = sum(1 for message in recent if not message.finite)
+    if bad < cfg.min_count:
+        return []
+    if not b.can_command(RULE_NON_FINITE, ("rollback", "set_lr"), cfg.cooldown_steps):
+        return []
+    trigger = Trigger(rule=RULE_NON_FINITE, metric="non_finite_steps", value=float(bad),
+                      threshold=float(cfg.min_count), window=len(recent))
+    measure = Measure(metric="non_finite", before=float(bad), target=1.0,
+                      recovered_when="below")
+    decisions = [b.command(RULE_NON_FINITE, trigger, "rollback", measure=measure)]
+    new_lr = b.lowered_lr(cfg.lr_factor)
+    if new_lr is not None:
+        decisions.append(b.command(RULE_NON_FINITE, trigger, "set_lr", new_lr, measure))
+    return decisions
+
+
+def _grad_norm(b: _Builder) -> list[Decision]:
+    """Pre-clip grad norm above the red flag on >= m of the last K steps: halve the LR."""
+    cfg = b.config.grad_norm
+    window = b.window
+    recent = window.last_metrics(cfg.window)
+    # Non-finite steps are the non_finite rule's (rollback first); counting them here too
+    # would let a set_lr of this rule get in first and block that rollback while in flight.
+    norms = [m.grad_norm for m in recent if m.finite and math.isfinite(m.grad_norm)]
+    above = sum(1 for norm in norms if norm > cfg.red_flag)
+    firing = above >= cfg.min_above
+    # The m-th largest norm exceeds the red flag exactly when >= m norms do.
+    trigger = Trigger(rule=RULE_GRAD_NORM, metric="grad_norm",
+                      value=_kth_largest(norms, cfg.min_above), threshold=cfg.red_flag,
+                      window=len(recent))
+    decisions: list[Decision] = []
+    latched = RULE_GRAD_NORM in window.memory.latched
+    if firing and not latched:
+        decisions.append(b.event(RULE_GRAD_NORM, trigger, "red_flag", "critical",
+                                 f"grad norm above {cfg.red_flag:g} on {above} of the last "
+                                 f"{len(recent)} steps", latch=RULE_GRAD_NORM))
+    elif not firing and latched:
+        calm = window.last_metrics(cfg.recover_window)
+        if len(calm) >= cfg.recover_window and all(
+                message.finite and message.grad_norm < cfg.recover_below for message in calm):
+            recovered = trigger.model_copy(update={"value": _median(m.grad_norm for m in calm),
+                                                   "threshold": cfg.recover_below,
+                                                   "window": len(calm)})
+            decisions.append(b.event(RULE_GRAD_NORM, recovered, "recovered", "info",
+                                     f"grad norm below {cfg.recover_below:g} for "
+                                     f"{len(calm)} steps", unlatch=RULE_GRAD_NORM))
+    if firing and b.can_command(RULE_GRAD_NORM, ("set_lr",), cfg.cooldown_steps):
+        new_lr = b.lowered_lr(cfg.lr_factor)
+        if new_lr is not None:
+            measure = Measure(metric="grad_norm", before=_median(norms), target=cfg.red_flag,
+                              recovered_when="below")
+            decisions.append(b.command(RULE_GRAD_NORM, trigger, "set_lr", new_lr, measure))
+    return decisions
+
+
+def _plateau(b: _Builder) -> list[Decision]:
+    """Objective not improving for ``plateau.steps``: lower the LR; at the floor, stop."""
+    cfg = b.config.plateau
+    window = b.window
+    memory = window.memory
+    if memory.best_step is None or memory.best_objective is None or window.lr is None:
+        return []
+    stalled = window.step - memory.best_step
+    if stalled < cfg.steps:
+        return []
+    smoothed = window.smoothed_objective()
+    goal = memory.best_objective * (1 - cfg.min_rel_improvement)
+    trigger = Trigger(rule=RULE_PLATEAU, metric="objective",
+                      value=math.nan if smoothed is None else smoothed, threshold=goal,
+                      window=stalled)
+    new_lr = b.lowered_lr(cfg.lr_factor)
+    if new_lr is None:
+        if not b.can_command(RULE_PLATEAU, ("stop",), cfg.cooldown_steps):
+            return []
+        return [b.command(RULE_PLATEAU, trigger, "stop"),
+                b.event(RULE_PLATEAU, trigger, "red_flag", "critical",
+                        f"objective has not improved by {cfg.min_rel_improvement:.0%} for "
+                        f"{stalled} steps and the LR is at its floor "
+                        f"{b.config.bounds.lr_min:g}: stopping the run")]
+    if not b.can_command(RULE_PLATEAU, ("set_lr",), cfg.cooldown_steps):
+        return []
+    measure = Measure(metric="objective", before=trigger.value, target=goal,
+                      recovered_when="below")
+    return [b.command(RULE_PLATEAU, trigger, "set_lr", new_lr, measure)]
+
+
+def _alignment(b: _Builder) -> list[Decision]:
+    """Diagonality below ``low`` on the last reports after warm-up: raise the GA weight."""
+    cfg = b.config.alignment
+    window = b.window
+    weight = window.ga_weight
+    cap = b.config.bounds.ga_weight_max
+    if not window.warmed_up or weight is None or weight >= cap:
+        return []
+    reports = window.last_reports(cfg.min_reports)
+    since = window.memory.last_fired.get(RULE_ALIGNMENT, -1)
+    if len(reports) < cfg.min_reports or not all(
+            r.step >= b.config.warmup_steps and r.step > since and r.scores.diagonality < cfg.low
+            for r in reports):
+        return []
+    if not b.can_command(RULE_ALIGNMENT, ("set_guided_attention_weight",),
+                         cfg.cooldown_steps):
+        return []
+    new = min(cap, max(weight * cfg.ga_factor, b.config.bounds.ga_weight_min))
+    if new <= weight:
+        return []
+    latest = reports[-1].scores.diagonality
+    trigger = Trigger(rule=RULE_ALIGNMENT, metric="diagonality", value=latest,
+                      threshold=cfg.low, window=reports[-1].step - reports[0].step)
+    measure = Measure(metric="diagonality", before=latest, target=cfg.low,
+                      recovered_when="above")
+    return [b.command(RULE_ALIGNMENT, trigger, "set_guided_attention_weight", new, measure)]
+
+
+def _alignment_red_flag(b: _Builder) -> list[Decision]:
+    """Diagonality below the red flag after warm-up: one critical event until recovered."""
+    cfg = b.config.alignment
+    window = b.window
+    latest = window.latest_report
+    if latest is None or latest.step < b.config.warmup_steps:
+        return []
+    diagonality = latest.scores.diagonality
+    trigger = Trigger(rule=RULE_ALIGNMENT_RED_FLAG, metric="diagonality", value=diagonality,
+                      threshold=cfg.red_flag, window=0)
+    if RULE_ALIGNMENT_RED_FLAG not in window.memory.latched:
+        if diagonality < cfg.red_flag:
+            return [b.event(RULE_ALIGNMENT_RED_FLAG, trigger, "red_flag", "critical",
+                            f"attention diagonality {diagonality:.3f} below {cfg.red_flag:g} "
+                            f"at step {latest.step}", latch=RULE_ALIGNMENT_RED_FLAG)]
+        return []
+    reports = window.last_reports(cfg.recover_reports)
+    if len(reports) >= cfg.recover_reports and all(
+            r.scores.diagonality > cfg.recover_above for r in reports):
+        recovered = trigger.model_copy(update={"threshold": cfg.recover_above,
+                                               "window": reports[-1].step - reports[0].step})
+        return [b.event(RULE_ALIGNMENT_RED_FLAG, recovered, "recovered", "info",
+                        f"attention diagonality above {cfg.recover_above:g} on the last "
+                        f"{len(reports)} reports", unlatch=RULE_ALIGNMENT_RED_FLAG)]
+    return []
+
+
+def _anneal(b: _Builder) -> list[Decision]:
+    """Diagonality above ``stable_above`` on M fresh reports: lower the GA weight."""
+    cfg = b.config.anneal
+    window = b.window
+    weight = window.ga_weight
+    floor = b.config.bounds.ga_weight_min
+    if weight is None or weight <= floor:
+        return []
+    reports = window.last_reports(cfg.min_reports)
+    since = window.memory.last_fired.get(RULE_ANNEAL, -1)
+    if len(reports) < cfg.min_reports or not all(
+            r.step > since and r.scores.diagonality > cfg.stable_above for r in reports):
+        return []
+    if not b.can_command(RULE_ANNEAL, ("set_guided_attention_weight",), cfg.cooldown_steps):
+        return []
+    # Capped too: a weight a person set above the tuner's cap comes down into its range.
+    new = min(b.config.bounds.ga_weight_max, max(floor, weight * cfg.ga_factor))
+    latest = reports[-1].scores.diagonality
+    trigger = Trigger(rule=RULE_ANNEAL, metric="diagonality",
+                      value=min(r.scores.diagonality for r in reports),
+                      threshold=cfg.stable_above, window=reports[-1].step - reports[0].step)
+    measure = Measure(metric="diagonality", before=latest, target=cfg.stable_above,
+                      recovered_when="above")
+    return [b.command(RULE_ANNEAL, trigger, "set_guided_attention_weight", new, measure)]
+
+
+def _indicators(b: _Builder) -> list[Decision]:
+    """All five success indicators met: one ``indicators_met`` event for the run."""
+    window = b.window
+    latest = window.latest_report
+    if RULE_INDICATORS in window.memory.latched or latest is None or not window.metrics:
+        return []
+    met = indicators.evaluate_indicators(
+        grad_norm=max(_sortable(m.grad_norm) for m in window.metrics),
+        diagonality=latest.scores.diagonality,
+        restarts=window.memory.consecutive_restarts,
+        loss=window.metrics[-1].objective,
+        quality=latest.scores.quality)
+    if not indicators.all_met(met):
+        return []
+    trigger = Trigger(rule=RULE_INDICATORS, metric="success_indicators", value=len(met),
+                      threshold=len(met), window=len(window.metrics))
+    detail = "all success indicators met: " + "; ".join(i.describe() for i in met)
+    return [b.event(RULE_INDICATORS, trigger, "indicators_met", "info", detail,
+                    latch=RULE_INDICATORS)]
+
+
+# Priority order: a rule earlier in the list gets a setting first when two want it.
+_COMMAND_RULES: tuple[Callable[[_Builder], list[Decision]], ...] = (
+    _non_finite, _grad_norm, _plateau, _alignment, _anneal)
+_EVENT_RULES: tuple[Callable[[_Builder], list[Decision]], ...] = (
+    _alignment_red_flag, _indicators)
+
+
+def decide(window: RunWindow, config: TunerConfig) -> list[Decision]:
+    """The decisions the window calls for now, in the order they must be carried out."""
+    if window.memory.ended:
+        return []
+    builder = _Builder(window, config)
+    decisions = _restarts(builder)
+    if any(d.action == "stop" for d in decisions):
+        return decisions
+    for rule in _COMMAND_RULES:
+        new = rule(builder)
+        decisions.extend(new)
+        if any(d.action == "stop" for d in new):
+            return decisions
+    for rule in _EVENT_RULES:
+        decisions.extend(rule(builder))
+    return decisions
+
+
+def measure_effect(window: RunWindow, measure: Measure, since_step: int, steps: int) -> Effect:
+    """The effect of a command applied at ``since_step``, over the ``steps`` after it."""
+    after = [m for m in window.metrics if since_step < m.step <= since_step + steps]
+    value = math.nan
+    if measure.metric == "grad_norm" and after:
+        value = _median(m.grad_norm for m in after)
+    elif measure.metric == "objective":
+        finite = [m.objective for m in after if math.isfinite(m.objective)]
+        value = sum(finite) / len(finite) if finite else math.nan
+    elif measure.metric == "non_finite" and after:
+        value = float(sum(1 for m in after if not m.finite))
+    elif measure.metric == "diagonality":
+        reports = [r for r in window.reports if since_step < r.step <= since_step + steps]
+        value = reports[-1].scores.diagonality if reports else math.nan
+    if math.isnan(value):
+        recovered = False
+    elif measure.recovered_when == "below":
+        recovered = value < measure.target
+    else:
+        recovered = value > measure.target
+    spanned = (after[-1].step - since_step) if after else 0
+    return Effect(metric=measure.metric, before=measure.before, after=value, steps=spanned,
+                  recovered=recovered)

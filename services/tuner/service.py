@@ -1,0 +1,502 @@
+"""The tuner service: feed each run's window from Redis, run the policy, publish its decisions.
+
+For every known run (the set ``RUNS_KEY``) it reads the metrics, diagnostics, acks and
+events streams with a consumer group, updates that run's ``RunWindow`` message by message
+(in stream-id order across the four streams) and asks ``policy.decide`` what to do.
+Commands go to the run's commands stream, events to its events stream, and the audit trail
+to its actions stream: "issued" at once, "acked" when the trainer answers, "measured"
+``measure_after_steps`` steps after the ack.
+
+Exactly-once effects over at-least-once delivery: each command publish is one Redis
+transaction that also records its idempotency key (run, rule, action, trigger step,
+generation) in a per-run hash, the policy memory (cooldowns, latches, in-flight commands)
+and the pending action. A tuner killed after publishing re-reads its pending entries on
+restart, finds the key (and a cooldown in the restored memory) and does not issue again.
+One tuner consumer per group acts on a run at a time; a second one is a standby that
+takes over what a dead one left pending (XAUTOCLAIM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import redis
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from services.core.bus import CONNECTION_ERRORS, Consumer, Delivery, connect
+from services.core.logging import setup_logging
+from services.core.schemas import (
+    MAX_NOTE_CHARS,
+    Ack,
+    ActionRecord,
+    AlignmentReport,
+    Command,
+    Event,
+    Message,
+    MetricsMessage,
+    encode,
+)
+from services.core.settings import ConfigError, get_settings
+from services.core.streams import (
+    RUNS_KEY,
+    Stream,
+    maxlen_for,
+    stream_key,
+    tuner_key,
+    validate_run_id,
+)
+from services.tuner.config import TunerConfig, load_tuner_config
+from services.tuner.policy import (
+    Decision,
+    Measure,
+    apply_decision,
+    command_id_for,
+    decide,
+    measure_effect,
+)
+from services.tuner.state import PolicyMemory, RunWindow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUP = "tuner"
+DEFAULT_CONSUMER = "tuner-1"
+INPUT_STREAMS = (Stream.METRICS, Stream.DIAGNOSTICS, Stream.ACKS, Stream.EVENTS)
+# The tuner's own per-run keys (beside the run's streams, under the same prefix).
+MEMORY_KEY = "memory"  # PolicyMemory JSON
+ISSUED_KEY = "issued"  # hash: idempotency key -> command id (or "event")
+ACTIONS_KEY = "pending-actions"  # hash: command id -> PendingAction JSON
+RETRY_MAX_S = 10.0
+# Redis errors that mean a watched stream or its group was deleted while we read it.
+STREAM_GONE = ("NOGROUP", "UNBLOCKED")
+
+
+class PendingAction(BaseModel):
+    """An issued command awaiting its ack or its measurement (kept in Redis)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+    record: ActionRecord  # the latest stage published
+    measure: Measure | None = None
+    ack_step: int | None = None
+
+
+@dataclass
+class _Outgoing:
+    """One decision on its way out: its messages, and the pending action of a command."""
+
+    decision: Decision
+    marker: str  # the command id, or "event"
+    messages: list[tuple[Stream, Message]]
+    pending: PendingAction | None = None
+
+
+def _note(decision: Decision) -> str:
+    """The command's reason in words, for people reading the commands or actions stream."""
+    t = decision.trigger
+    text = (f"{decision.rule}: {t.metric} {t.value:.4g} vs threshold {t.threshold:g} "
+            f"(window {t.window}) at step {decision.step}")
+    return text[:MAX_NOTE_CHARS]
+
+
+def _entry_order(delivery: Delivery) -> tuple[int, int]:
+    millis, _, seq = delivery.entry_id.partition("-")
+    return int(millis), int(seq or 0)
+
+
+class TunerService:
+    """The loop around the policy; ``run_once`` is one poll-and-handle round."""
+
+    def __init__(self, client: redis.Redis, config: TunerConfig, group: str = DEFAULT_GROUP,
+                 consumer: str = DEFAULT_CONSUMER, runs: Iterable[str] | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.client = client
+        self.config = config
+        self.clock = clock
+        self.consumer = Consumer(client, {}, group, consumer,
+                                 claim_idle_ms=config.service.claim_idle_ms)
+        # None: discover runs from RUNS_KEY; else watch only these (one-run tuner, tests).
+        self.fixed_runs = [validate_run_id(r) for r in runs] if runs is not None else None
+        self.windows: dict[str, RunWindow] = {}
+        self.pending: dict[str, dict[str, PendingAction]] = {}
+        self._stream_of: dict[str, tuple[str, Stream]] = {}
+        self._recovered = False
+        self._last_claim = 0.0
+        # Counters (a Prometheus exporter can read these attributes).
+        self.decisions_by_rule: Counter[str] = Counter()
+        self.commands_issued = 0
+        self.events_emitted = 0
+        self.duplicates_suppressed = 0
+        self.records_by_stage: Counter[str] = Counter()
+        self.handler_errors = 0
+
+    @property
+    def dead_lettered(self) -> int:
+        """Entries moved to the dead-letter stream by this service's consumer."""
+        return self.consumer.dead_lettered
+
+    # ------------------------------------------------------------------ runs
+
+    def discover_runs(self) -> list[str]:
+        """Start watching runs not seen before; returns their ids."""
+        if self.fixed_runs is not None:
+            candidates = self.fixed_runs
+        else:
+            candidates = sorted(m.decode() if isinstance(m, bytes) else m
+                                for m in self.client.smembers(RUNS_KEY))
+        added = []
+        for run_id in candidates:
+            if run_id in self.windows:
+                continue
+            try:
+                validate_run_id(run_id)
+            except ValueError as error:
+                log.warning("ignoring run %r in %s: %s", run_id, RUNS_KEY, error)
+                continue
+            self._add_run(run_id)
+            added.append(run_id)
+        return added
+
+    def _add_run(self, run_id: str) -> None:
+        memory = None
+        raw = self.client.get(tuner_key(run_id, MEMORY_KEY))
+        if raw is not None:
+            try:
+                memory = PolicyMemory.model_validate_json(raw)
+            except ValidationError as error:
+                log.warning("run %s: stored policy memory unreadable, starting fresh: %s",
+                            run_id, error)
+        self.windows[run_id] = RunWindow(run_id, self.config, memory)
+        pending: dict[str, PendingAction] = {}
+        for field, value in self.client.hgetall(tuner_key(run_id, ACTIONS_KEY)).items():
+            try:
+                action = PendingAction.model_validate_json(value)
+            except ValidationError as error:
+                log.warning("run %s: dropping unreadable pending action %r: %s",
+                            run_id, field, error)
+                continue
+            pending[action.record.action_id] = action
+        self.pending[run_id] = pending
+        for stream in INPUT_STREAMS:
+            key = stream_key(run_id, stream)
+            self.consumer.add_key(key, stream)
+            self._stream_of[key] = (run_id, stream)
+        log.info("watching run %s (%d pending actions)", run_id, len(pending))
+
+    # ------------------------------------------------------------------ the loop
+
+    def run_once(self, block_ms: int = 1000) -> int:
+        """Discover runs, handle what is pending or new, publish decisions; returns entries."""
+        self.discover_runs()
+        service = self.config.service
+        handled = 0
+        if not self._recovered:
+            handled += self._recover()
+            self._recovered = True
+            self._last_claim = self.clock()
+        elif self.clock() - self._last_claim >= service.claim_every_s:
+            handled += self._process(self.consumer.claim_stale(service.poll_count))
+            self._last_claim = self.clock()
+        handled += self._process(self.consumer.poll(block_ms, service.poll_count))
+        self._expire(self.clock())
+        return handled
+
+    def run_forever(self, stop_event: threading.Event, block_ms: int = 1000) -> None:
+        """``run_once`` until ``stop_event`` is set; rides out Redis outages with back-off."""
+        delay = 0.5
+        while not stop_event.is_set():
+            try:
+                self.run_once(block_ms)
+            except CONNECTION_ERRORS as error:
+                log.warning("Redis unreachable, retrying in %.1fs: %s", delay, error)
+                # What was read but not acked is ours and pending: re-read it when back.
+                self._recovered = False
+                stop_event.wait(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+                continue
+            except redis.ResponseError as error:
+                if not any(mark in str(error) for mark in STREAM_GONE):
+                    raise
+                # A run's stream was deleted under us (cleanup, FLUSHDB): recreate the groups.
+                log.warning("a watched stream vanished, re-creating consumer groups: %s", error)
+                self._reset_consumer()
+                continue
+            delay = 0.5
+
+    def _reset_consumer(self) -> None:
+        """A fresh consumer over the same keys; it creates the groups again on first use."""
+        old = self.consumer
+        self.consumer = Consumer(self.client, dict(old.keys), old.group, old.name,
+                                 claim_idle_ms=old.claim_idle_ms)
+        self.consumer.dead_lettered = old.dead_lettered
+        self._recovered = False
+
+    def _recover(self) -> int:
+        """At start: this consumer's own unacked entries, then those a dead peer left."""
+        handled = 0
+        while True:
+            batch = self.consumer.pending(self.config.service.poll_count)
+            if not batch:
+                break
+            handled += self._process(batch)
+        return handled + self._process(self.consumer.claim_stale(self.config.service.poll_count))
+
+    def _process(self, deliveries: list[Delivery]) -> int:
+        """Handle entries in arrival order, save touched runs' memory, then ack them."""
+        if not deliveries:
+            return 0
+        deliveries.sort(key=_entry_order)
+        touched: set[str] = set()
+        for delivery in deliveries:
+            run_id, _ = self._stream_of[delivery.key]
+            try:
+                self._handle(run_id, delivery.message)
+            except redis.RedisError:
+                raise  # not the message's fault: leave it pending and retry
+            except Exception as error:  # a bug must not wedge the run on one entry
+                self.handler_errors += 1
+                log.exception("run %s: handling %s failed", run_id, delivery.entry_id)
+                self.consumer.dead_letter(delivery.key, delivery.entry_id,
+                                          encode(delivery.message),
+                                          f"handler error: {type(error).__name__}: {error}")
+            touched.add(run_id)
+        pipe = self.client.pipeline(transaction=False)
+        for run_id in touched:
+            self._save_memory(pipe, run_id)
+        by_key: dict[str, list[str]] = {}
+        for delivery in deliveries:
+            by_key.setdefault(delivery.key, []).append(delivery.entry_id)
+        for key, ids in by_key.items():
+            pipe.xack(key, self.consumer.group, *ids)
+        pipe.execute()
+        return len(deliveries)
+
+    def _handle(self, run_id: str, message: Message) -> None:
+        """Update the run's window with one message, then act on the policy's decisions."""
+        if message.run_id != run_id:
+            raise ValueError(f"message of run {message.run_id!r} in a stream of run {run_id!r}")
+        window = self.windows[run_id]
+        if isinstance(message, MetricsMessage):
+            window.observe_metrics(message)
+            self._measure_due(run_id, window)
+        elif isinstance(message, AlignmentReport):
+            window.observe_report(message)
+        elif isinstance(message, Ack):
+            window.observe_ack(message)
+            self._on_ack(run_id, message)
+        elif isinstance(message, Event):
+            window.observe_event(message)
+        # Catching up on old history updates the window but must not act on the past.
+        if self.clock() - message.ts > self.config.service.max_lag_s:
+            return
+        decisions = decide(window, self.config)
+        if decisions:
+            self._act(run_id, window, decisions)
+
+    # ------------------------------------------------------------------ publishing
+
+    def _save_memory(self, pipe: redis.client.Pipeline, run_id: str) -> None:
+        key = tuner_key(run_id, MEMORY_KEY)
+        pipe.set(key, self.windows[run_id].memory.model_dump_json(),
+                 ex=self.config.service.issued_ttl_s)
+
+    def _xadd(self, pipe: redis.client.Pipeline, run_id: str, stream: Stream,
+              message: Message) -> None:
+        key = stream_key(run_id, stream)
+        pipe.xadd(key, encode(message), maxlen=maxlen_for(key), approximate=True)
+
+    def _outgoing(self, run_id: str, window: RunWindow, decision: Decision) -> _Outgoing:
+        """The messages one decision becomes; records it in the window (cooldown, latch)."""
+        if decision.action is None:
+            assert decision.event is not None
+            event = Event(run_id=run_id, event=decision.event.event,
+                          severity=decision.event.severity, step=decision.step,
+                          detail=decision.event.detail,
+                          data={"rule": decision.rule, "source": "tuner",
+                                "trigger": decision.trigger.model_dump(mode="json")})
+            apply_decision(window, decision)
+            return _Outgoing(decision, "event", [(Stream.EVENTS, event)])
+        command_id = command_id_for(run_id, decision)
+        command = Command(run_id=run_id, command_id=command_id, action=decision.action,
+                          value=decision.value, source="tuner", reason=decision.trigger,
+                          requested_by=f"tuner:{decision.rule}", note=_note(decision),
+                          expires_at=self.clock() + self.config.service.command_ttl_s)
+        record = ActionRecord(run_id=run_id, action_id=command_id, stage="issued",
+                              trigger=decision.trigger, command=command)
+        apply_decision(window, decision, command_id, command.expires_at)
+        return _Outgoing(decision, command_id,
+                         [(Stream.COMMANDS, command), (Stream.ACTIONS, record)],
+                         PendingAction(record=record, measure=decision.measure))
+
+    def _act(self, run_id: str, window: RunWindow, decisions: list[Decision]) -> None:
+        """Publish one ``decide`` call's decisions: all in one transaction, each only once.
+
+        One transaction, because a pair such as rollback -> set_lr must never be half-sent
+        by a tuner that dies in between; "only once", because the idempotency key of each
+        decision is checked in the same transaction that publishes it.
+        """
+        outgoing = [self._outgoing(run_id, window, decision) for decision in decisions]
+        fresh = self._publish_once(run_id, outgoing)
+        for item, published in zip(outgoing, fresh, strict=True):
+            decision = item.decision
+            self.decisions_by_rule[decision.rule] += 1
+            if not published:
+                self.duplicates_suppressed += 1
+                known = self.pending[run_id].get(item.marker)
+                if decision.action is not None and (known is None
+                                                    or known.record.stage != "issued"):
+                    # Published and already answered in an earlier life of this tuner.
+                    window.memory.in_flight.pop(item.marker, None)
+                log.info("run %s: %s was published before, not repeating", run_id,
+                         decision.key)
+            elif decision.action is not None:
+                assert item.pending is not None
+                self.pending[run_id][item.marker] = item.pending
+                self.commands_issued += 1
+                self.records_by_stage["issued"] += 1
+                log.info("run %s: %s -> %s %s (%s %.4g vs %g) as %s", run_id, decision.rule,
+                         decision.action, "" if decision.value is None else decision.value,
+                         decision.trigger.metric, decision.trigger.value,
+                         decision.trigger.threshold, item.marker)
+            else:
+                assert decision.event is not None
+                self.events_emitted += 1
+                level = logging.INFO if decision.event.severity == "info" else logging.WARNING
+                log.log(level, "run %s: %s %s: %s", run_id, decision.event.severity,
+                        decision.event.event, decision.event.detail)
+
+    def _publish_once(self, run_id: str, outgoing: list[_Outgoing]) -> list[bool]:
+        """Publish what was not published before, with the memory; which ones were new."""
+        issued = tuner_key(run_id, ISSUED_KEY)
+        actions = tuner_key(run_id, ACTIONS_KEY)
+        ttl = self.config.service.issued_ttl_s
+        keys = [item.decision.key for item in outgoing]
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(issued)
+                    fresh = [seen is None for seen in pipe.hmget(issued, keys)]
+                    pipe.multi()
+                    for item, new in zip(outgoing, fresh, strict=True):
+                        if not new:
+                            continue
+                        pipe.hset(issued, item.decision.key, item.marker)
+                        for stream, message in item.messages:
+                            self._xadd(pipe, run_id, stream, message)
+                        if item.pending is not None:
+                            pipe.hset(actions, item.marker, item.pending.model_dump_json())
+                            pipe.expire(actions, ttl)
+                    pipe.expire(issued, ttl)
+                    self._save_memory(pipe, run_id)
+                    pipe.execute()
+                    return fresh
+                except redis.WatchError:
+                    continue  # another writer touched the keys: look again
+
+    def _write_stage(self, run_id: str, record: ActionRecord,
+                     pending: PendingAction | None) -> None:
+        """Publish a later stage of an action and update (or drop) it, atomically."""
+        actions = tuner_key(run_id, ACTIONS_KEY)
+        pipe = self.client.pipeline(transaction=True)
+        self._xadd(pipe, run_id, Stream.ACTIONS, record)
+        if pending is None:
+            pipe.hdel(actions, record.action_id)
+            self.pending[run_id].pop(record.action_id, None)
+        else:
+            pipe.hset(actions, record.action_id, pending.model_dump_json())
+            self.pending[run_id][record.action_id] = pending
+        pipe.execute()
+        self.records_by_stage[record.stage] += 1
+
+    def _on_ack(self, run_id: str, ack: Ack) -> None:
+        """The "acked" record for one of our commands; applied ones wait to be measured."""
+        pending = self.pending[run_id].get(ack.command_id)
+        if pending is None or pending.record.stage != "issued":
+            return  # not ours (bot, API) or a redelivered ack
+        record = ActionRecord(run_id=run_id, action_id=pending.record.action_id,
+                              stage="acked", trigger=pending.record.trigger,
+                              command=pending.record.command, ack=ack)
+        keep = ack.status == "applied" and pending.measure is not None
+        self._write_stage(run_id, record, PendingAction(record=record, measure=pending.measure,
+                                                        ack_step=ack.step) if keep else None)
+
+    def _measure_due(self, run_id: str, window: RunWindow) -> None:
+        """The "measured" record of every applied command now N steps old."""
+        steps = self.config.service.measure_after_steps
+        for pending in list(self.pending[run_id].values()):
+            if pending.ack_step is None or pending.measure is None:
+                continue
+            if window.step < pending.ack_step + steps:
+                continue
+            effect = measure_effect(window, pending.measure, pending.ack_step, steps)
+            record = ActionRecord(run_id=run_id, action_id=pending.record.action_id,
+                                  stage="measured", trigger=pending.record.trigger,
+                                  command=pending.record.command, ack=pending.record.ack,
+                                  effect=effect)
+            self._write_stage(run_id, record, None)
+            log.info("run %s: %s %s: %s %.4g -> %.4g (%s)", run_id, record.command.action,
+                     record.action_id, effect.metric, effect.before, effect.after,
+                     "recovered" if effect.recovered else "not recovered")
+
+    def _expire(self, now: float) -> None:
+        """Unanswered commands past expiry + grace stop blocking their rules."""
+        grace = self.config.service.ack_grace_s
+        for run_id, window in self.windows.items():
+            expired = window.expire_in_flight(now, grace)
+            stale = [p for p in self.pending[run_id].values()
+                     if p.record.stage == "issued" and p.record.command.expires_at is not None
+                     and p.record.command.expires_at + grace < now]
+            if not expired and not stale:
+                continue
+            pipe = self.client.pipeline(transaction=True)
+            for pending in stale:
+                pipe.hdel(tuner_key(run_id, ACTIONS_KEY), pending.record.action_id)
+                self.pending[run_id].pop(pending.record.action_id, None)
+            self._save_memory(pipe, run_id)
+            pipe.execute()
+            for item in expired:
+                log.warning("run %s: command %s (%s) was never acked; it no longer blocks "
+                            "rule %s", run_id, item.command_id, item.action, item.rule)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m services.tuner.service``: run the tuner until SIGINT or SIGTERM."""
+    parser = argparse.ArgumentParser(prog="python -m services.tuner.service",
+                                     description="Smart Tuner policy service")
+    parser.add_argument("--group", default=DEFAULT_GROUP, help="Redis consumer group")
+    parser.add_argument("--consumer", default=DEFAULT_CONSUMER,
+                        help="consumer name; keep it stable so a restart re-reads its pending")
+    parser.add_argument("--run", action="append", dest="runs",
+                        help="watch only this run (repeatable); default: every known run")
+    args = parser.parse_args(argv)
+    try:
+        settings = get_settings()
+        config = load_tuner_config(settings.tuner_config)
+    except ConfigError as error:
+        print(f"tuner: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if settings.redis_url is None:
+        print("tuner: SMART_TUNER_REDIS_URL is required", file=sys.stderr)
+        raise SystemExit(2)
+    setup_logging(settings.log_level)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    service = TunerService(connect(settings.redis_url), config, group=args.group,
+                           consumer=args.consumer, runs=args.runs)
+    log.info("tuner %s/%s started (config %s)", args.group, args.consumer,
+             settings.tuner_config)
+    service.run_forever(stop)
+    log.info("tuner stopped: %d commands issued, %d events, decisions %s",
+             service.commands_issued, service.events_emitted, dict(service.decisions_by_rule))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""The per-run window the policy sees, and the pure updates that maintain it.
+
+A ``RunWindow`` has two parts. The recent metrics and alignment reports are bounded deques,
+rebuilt from the streams. ``PolicyMemory`` is what the policy must not forget across a tuner
+restart (cooldowns, hysteresis latches, commands in flight, best objective, restarts): it is
+small, serialisable, and the service stores it in Redis together with every command it
+issues, so a restarted tuner never repeats a decision its predecessor already acted on.
+
+Entries can be delivered twice (at-least-once consumer groups). Every update therefore uses
+absolute values (the restart count an event reports, not "one more"), and a metrics message
+that is neither newer in step nor in time than what was seen is a replay, not a rewind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.core.schemas import Ack, AlignmentReport, Event, MetricsMessage
+from services.tuner.config import TunerConfig
+
+# Which trainer setting a value command changes; two rules never move one knob at once.
+KNOB_OF_ACTION = {"set_lr": "lr", "set_guided_attention_weight": "ga_weight",
+                  "set_grad_clip": "clip", "rollback": "weights"}
+# Latch set by any stop command: nothing more is commanded until the run starts again.
+STOPPED = "stopped"
+
+
+def _count(value: object) -> int | None:
+    """A non-negative int from an event's data, or None (a bool is not a count)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+class InFlight(BaseModel):
+    """A command sent and not yet acknowledged."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command_id: str
+    rule: str
+    action: str
+    step: int
+    expires_at: float | None = None
+
+
+class PolicyMemory(BaseModel):
+    """The part of a run's window that survives a tuner restart (stored in Redis)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latest_step: int = -1
+    latest_ts: float = 0.0
+    generation: int = Field(0, description="real rewinds seen (rollback or resume)")
+    consecutive_restarts: int = 0
+    last_restart_ts: float = 0.0
+    best_objective: float | None = None
+    best_step: int | None = None
+    last_fired: dict[str, int] = Field(default_factory=dict, description="rule -> step")
+    latched: set[str] = Field(default_factory=set, description="hysteresis flags raised")
+    in_flight: dict[str, InFlight] = Field(default_factory=dict)
+    ended: bool = False
+
+
+class RunWindow:
+    """Everything the policy knows about one run."""
+
+    def __init__(self, run_id: str, config: TunerConfig, memory: PolicyMemory | None = None):
+        self.run_id = run_id
+        self.config = config
+        self.memory = memory if memory is not None else PolicyMemory()
+        self.metrics: deque[MetricsMessage] = deque(maxlen=config.service.metrics_window)
+        self.reports: deque[AlignmentReport] = deque(maxlen=config.service.reports_window)
+        # The trainer's current settings, as its latest metrics (or applied acks) say.
+        self.lr: float | None = None
+        self.ga_weight: float | None = None
+        self.clip_threshold: float | None = None
+
+    # ------------------------------------------------------------------ read side
+
+    @property
+    def step(self) -> int:
+        """The latest training step seen (-1 before any metrics)."""
+        return self.memory.latest_step
+
+    @property
+    def warmed_up(self) -> bool:
+        """True once the run is past the alignment warm-up."""
+        return self.memory.latest_step >= self.config.warmup_steps
+
+    def last_metrics(self, count: int) -> list[MetricsMessage]:
+        """The newest ``count`` metrics, oldest first (fewer if fewer are known)."""
+        if count >= len(self.metrics):
+            return list(self.metrics)
+        return list(self.metrics)[-count:]
+
+    def last_reports(self, count: int) -> list[AlignmentReport]:
+        """The newest ``count`` alignment reports by step, oldest first."""
+        if count >= len(self.reports):
+            return list(self.reports)
+        return list(self.reports)[-count:]
+
+    @property
+    def latest_report(self) -> AlignmentReport | None:
+        """The alignment report of the highest step, if any."""
+        return self.reports[-1] if self.reports else None
+
+    def smoothed_objective(self) -> float | None:
+        """Mean objective of the last ``plateau.smoothing`` finite steps (None until full)."""
+        wanted = self.config.plateau.smoothing
+        values: list[float] = []
+        for message in reversed(self.metrics):
+            if math.isfinite(message.objective):
+                values.append(message.objective)
+                if len(values) == wanted:
+                    return sum(values) / wanted
+        return None
+
+    def cooling_down(self, rule: str, cooldown_steps: int) -> bool:
+        """True while ``rule`` fired fewer than ``cooldown_steps`` trained steps ago."""
+        last = self.memory.last_fired.get(rule)
+        return last is not None and self.memory.latest_step - last < cooldown_steps
+
+    def rule_in_flight(self, rule: str) -> bool:
+        """True while a command of ``rule`` awaits its ack."""
+        return any(item.rule == rule for item in self.memory.in_flight.values())
+
+    def knob_in_flight(self, action: str) -> bool:
+        """True while any command moving the same trainer setting awaits its ack."""
+        knob = KNOB_OF_ACTION.get(action, action)
+        return any(KNOB_OF_ACTION.get(item.action, item.action) == knob
+                   for item in self.memory.in_flight.values())
+
+    # ------------------------------------------------------------------ updates
+
+    def observe_metrics(self, message: MetricsMessage) -> None:
+        """Take one step's metrics: append, track settings and the best objective."""
+        memory = self.memory
+        if message.step <= memory.latest_step:
+            if message.ts <= memory.latest_ts:
+                # A redelivered entry (e.g. re-read after a tuner restart): refill the window
+                # if it is empty there, but it is no news.
+                if not self.metrics or message.step > self.metrics[-1].step:
+                    self.metrics.append(message)
+                    self._take_settings(message)
+                return
+            self._rewind(message.step)
+        self.metrics.append(message)
+        memory.latest_step = message.step
+        memory.latest_ts = message.ts
+        memory.ended = False
+        self._take_settings(message)
+        self._track_best(message.step)
+
+    def _take_settings(self, message: MetricsMessage) -> None:
+        self.lr = message.lr
+        self.ga_weight = message.guided_attention_weight
+        self.clip_threshold = message.clip_threshold
+
+    def _rewind(self, step: int) -> None:
+        """The trainer went back to ``step`` (rollback or resume): forget what it undid."""
+        memory = self.memory
+        memory.generation += 1
+        kept = [m for m in self.metrics if m.step < step]
+        self.metrics.clear()
+        self.metrics.extend(kept)
+        kept_reports = [r for r in self.reports if r.step < step]
+        self.reports.clear()
+        self.reports.extend(kept_reports)
+        # Cooldowns count steps trained since firing, so a rule that fired in the undone
+        # stretch cools down from the rewind point.
+        memory.last_fired = {rule: min(fired, step) for rule, fired in memory.last_fired.items()}
+        # The plateau clock starts over: the weights are those of an earlier step.
+        memory.best_objective = None
+        memory.best_step = None
+
+    def _track_best(self, step: int) -> None:
+        smoothed = self.smoothed_objective()
+        if smoothed is None:
+            return
+        memory = self.memory
+        threshold = (None if memory.best_objective is None else
+                     memory.best_objective * (1 - self.config.plateau.min_rel_improvement))
+        if threshold is None or smoothed < threshold:
+            memory.best_objective = smoothed
+            memory.best_step = step
+
+    def observe_report(self, report: AlignmentReport) -> None:
+        """Take one alignment report; reports may arrive late or twice, order is by step."""
+        if any(known.snapshot_id == report.snapshot_id for known in self.reports):
+            return
+        if self.reports and report.step < self.reports[0].step \
+                and len(self.reports) == self.reports.maxlen:
+            return  # older than everything kept: it would be evicted at once
+        ordered = sorted([*self.reports, report], key=lambda r: r.step)
+        self.reports.clear()
+        self.reports.extend(ordered)
+
+    def observe_event(self, event: Event) -> None:
+        """Take a lifecycle event: restart counts, run start and end."""
+        memory = self.memory
+        consecutive = _count(event.data.get("consecutive"))
+        if event.event in ("restart", "run_started"):
+            if consecutive is not None:
+                memory.consecutive_restarts = consecutive
+            if event.event == "restart":
+                memory.last_restart_ts = max(memory.last_restart_ts, event.ts)
+            memory.ended = False
+            memory.latched.discard(STOPPED)
+        elif event.event == "checkpoint_saved" and event.data.get("healthy") is True:
+            # The trainer's own rule: a healthy checkpoint after a restart ends the crash loop.
+            memory.consecutive_restarts = 0
+        elif event.event in ("finished", "stopped"):
+            memory.ended = True
+
+    def observe_ack(self, ack: Ack) -> None:
+        """Take the trainer's answer to a command: it is no longer in flight."""
+        self.memory.in_flight.pop(ack.command_id, None)
+        if ack.status != "applied" or ack.after is None:
+            return
+        # The next metrics would say the same; knowing now lets a follow-up use the new value.
+        if ack.action == "set_lr":
+            self.lr = ack.after
+        elif ack.action == "set_guided_attention_weight":
+            self.ga_weight = ack.after
+        elif ack.action == "set_grad_clip":
+            self.clip_threshold = ack.after
+
+    def expire_in_flight(self, now: float, grace_s: float) -> list[InFlight]:
+        """Drop in-flight commands past expiry + grace (the trainer never answered)."""
+        expired = [item for item in self.memory.in_flight.values()
+                   if item.expires_at is not None and item.expires_at + grace_s < now]
+        for item in expired:
+            del self.memory.in_flight[item.command_id]
+        return expired
+
+    def record_fired(self, rule: str, step: int, command_id: str | None = None,
+                     action: str | None = None, expires_at: float | None = None) -> None:
+        """Remember that ``rule`` acted at ``step`` (cooldown) and what is now in flight."""
+        self.memory.last_fired[rule] = step
+        if command_id is not None and action is not None:
+            self.memory.in_flight[command_id] = InFlight(
+                command_id=command_id, rule=rule, action=action, step=step,
+                expires_at=expires_at)
+
+    def set_latch(self, name: str, raised: bool) -> None:
+        """Raise or clear a hysteresis latch."""
+        if raised:
+            self.memory.latched.add(name)
+        else:
+            self.memory.latched.discard(name)
