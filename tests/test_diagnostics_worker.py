@@ -8,18 +8,10 @@ sends them, on a queue of this module's own.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import celery
 import numpy as np
 import pytest
 import redis
@@ -42,13 +34,10 @@ from services.core.streams import (
     diagnostics_done_key,
     stream_key,
 )
-from services.core.tasks import RENDER_ALIGNMENT, SCORE_ALIGNMENT, make_client
+from services.core.tasks import RENDER_ALIGNMENT, SCORE_ALIGNMENT
 from services.diagnostics.reports import build_report, score_samples, stack_samples
+from tests.celery_worker import TASK_TIMEOUT_S, Worker, start_worker
 
-ROOT = Path(__file__).resolve().parents[1]
-CELERY = ROOT / ".venv" / "bin" / "celery"
-WORKER_START_TIMEOUT_S = 90  # a loaded 2-core CI box imports numpy, matplotlib, celery
-TASK_TIMEOUT_S = 30
 PNG_MAGIC = b"\x89PNG"
 
 
@@ -170,83 +159,12 @@ def test_failed_append_leaves_no_marker(client: redis.Redis, run: str) -> None:
 # A real worker
 
 
-@dataclass
-class Worker:
-    """The worker subprocess and what the tests need to talk to it."""
-
-    process: subprocess.Popen[bytes]
-    app: celery.Celery  # a client with a result backend
-    node: str
-    metrics_url: str
-    metrics_dir: Path
-    log_path: Path
-
-    def call(self, name: str, *args: object) -> dict | str | None:
-        """Send a task by name and wait for its result."""
-        return self.app.send_task(name, args=list(args)).get(timeout=TASK_TIMEOUT_S)
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _metrics_up(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     """A prefork worker with two pool processes on a queue of its own."""
-    queue = f"diagnostics-test-{uuid.uuid4().hex[:10]}"
-    node = f"{queue}@test"
-    base = tmp_path_factory.mktemp("diagnostics-worker")
-    metrics_dir = base / "prometheus"
-    port = _free_port()
-    env = {**os.environ, "SMART_TUNER_REDIS_URL": redis_url,
-           "SMART_TUNER_DIAGNOSTICS_QUEUE": queue, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-           "SMART_TUNER_DIAGNOSTICS_METRICS_PORT": str(port), "MPLCONFIGDIR": str(base / "mpl")}
-    log_path = base / "worker.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [str(CELERY), "-A", "services.diagnostics.celery_app", "worker", "--pool", "prefork",
-             "--concurrency", "2", "-Q", queue, "-n", node, "--loglevel", "INFO",
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    app = make_client(redis_url, queue=queue, backend_url=redis_url)
-    handle = Worker(process, app, node, f"http://127.0.0.1:{port}/metrics", metrics_dir,
-                    log_path)
-    try:
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"worker exited with {process.returncode}:\n{handle.log_tail()}")
-            if app.control.ping(destination=[node], timeout=1.0) and _metrics_up(
-                    handle.metrics_url):
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"worker not ready in {WORKER_START_TIMEOUT_S} s:\n"
-                            f"{handle.log_tail()}")
-            time.sleep(0.3)
+    with start_worker(redis_url, tmp_path_factory.mktemp("diagnostics-worker"),
+                      concurrency=2) as handle:
         yield handle
-    finally:
-        process.terminate()  # warm shutdown: finishes running tasks, stops the pool
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # our own session: the pool children too
-            process.wait(timeout=10)
-        cleanup = redis.Redis.from_url(redis_url)
-        cleanup.delete(queue, *cleanup.scan_iter(match=f"_kombu.binding*.{queue}"))
-        app.close()
 
 
 def add_snapshot(client: redis.Redis, snap: AttentionSnapshot) -> str:
