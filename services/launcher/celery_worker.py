@@ -1,4 +1,8 @@
-"""A real Celery diagnostics worker as a subprocess, for integration tests."""
+"""Start a Celery diagnostics worker process on its own queue and wait until it answers.
+
+Used by the integration tests and the loop benchmark, which need a real worker that they
+can start, address and stop.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import celery
-import pytest
 import redis
 
 from services.core.tasks import make_client
@@ -85,12 +88,13 @@ def start_worker(redis_url: str, base: Path, concurrency: int = 1) -> Iterator[W
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                pytest.fail(f"worker exited with {process.returncode}:\n{handle.log_tail()}")
+                raise RuntimeError(f"worker exited with {process.returncode}:\n"
+                                   f"{handle.log_tail()}")
             if app.control.ping(destination=[node], timeout=1.0) and _metrics_up(
                     handle.metrics_url):
                 break
             if time.monotonic() > deadline:
-                pytest.fail(f"worker not ready in {WORKER_START_TIMEOUT_S} s:\n"
+                raise RuntimeError(f"worker not ready in {WORKER_START_TIMEOUT_S} s:\n"
                             f"{handle.log_tail()}")
             time.sleep(0.3)
         yield handle
