@@ -192,3 +192,20 @@ def test_stale_entries_are_claimed_and_own_pending_reread(redis_url, run_id):
     for delivery in claimed:
         other.ack(delivery)
     assert client.xpending(key, "tests")["pending"] == 0
+
+
+def test_attention_is_compressed_only_when_it_pays():
+    steps, tokens = np.arange(60)[:, None] / 60, np.arange(20)[None, :] / 20
+    sharp = np.exp(-((tokens - steps) ** 2) / 0.002)
+    sharp /= sharp.sum(1, keepdims=True)
+    diffuse = np.random.default_rng(1).random((60, 20))
+    packed_sharp = AttentionSample.from_array(sharp, 20, 60)
+    packed_diffuse = AttentionSample.from_array(diffuse, 20, 60)
+    assert packed_sharp.encoding == "f16-zlib-b64"
+    assert packed_diffuse.encoding == "f16-b64"
+    np.testing.assert_allclose(packed_sharp.to_array(), sharp, atol=1e-3)
+    np.testing.assert_allclose(packed_diffuse.to_array(), diffuse, atol=1e-3)
+    # a raw payload of the wrong size is refused, like a compressed one
+    short = packed_diffuse.model_copy(update={"data": packed_diffuse.data[:-8]})
+    with pytest.raises(MessageError):
+        short.to_array()

@@ -27,6 +27,12 @@ GROUP = "trainer"
 SEEN_LIMIT = 10_000  # command ids remembered for duplicate detection
 RETRY_AFTER_ERROR_S = 2.0
 MAX_COMMANDS_PER_STEP = 20
+# Between steps the handler waits briefly for a command in flight, so that the tuner's answer
+# to step k's metrics (a few ms away) is applied before step k+1 rather than k+2. The wait
+# costs at most this share of a step's time, and never more than MAX_WAIT_MS.
+WAIT_FRACTION_OF_STEP = 0.01
+MAX_WAIT_MS = 20
+STEP_TIME_SMOOTHING = 0.2  # weight of the newest step in the moving average
 
 
 class CommandHandler:
@@ -43,10 +49,22 @@ class CommandHandler:
         self.acks: list[Ack] = []  # this process's acks, newest last (bounded)
         self._retry_at = 0.0
         self._pending_done = False
+        self._last_call: float | None = None
+        self.step_seconds = 0.0  # moving average of the time between two calls
+
+    def wait_ms(self) -> int | None:
+        """How long this poll may wait for a command: a small share of a step, or not at all."""
+        budget = int(WAIT_FRACTION_OF_STEP * self.step_seconds * 1000)
+        return min(MAX_WAIT_MS, budget) if budget >= 1 else None  # Redis: BLOCK 0 = forever
 
     def before_step(self, trainer: Trainer) -> None:
         """Apply whatever commands arrived since the last step; never raise, never block."""
         now = time.monotonic()
+        if self._last_call is not None and not trainer.paused:
+            elapsed = now - self._last_call
+            self.step_seconds = elapsed if not self.step_seconds else (
+                STEP_TIME_SMOOTHING * elapsed + (1 - STEP_TIME_SMOOTHING) * self.step_seconds)
+        self._last_call = now
         if now < self._retry_at:
             return
         try:
@@ -55,7 +73,8 @@ class CommandHandler:
                 # Entries this consumer read before a crash but never acked.
                 deliveries = self.consumer.pending(MAX_COMMANDS_PER_STEP)
                 self._pending_done = True
-            deliveries += self.consumer.poll(block_ms=None, count=MAX_COMMANDS_PER_STEP)
+            wait = None if trainer.paused else self.wait_ms()
+            deliveries += self.consumer.poll(block_ms=wait, count=MAX_COMMANDS_PER_STEP)
             for delivery in deliveries:
                 assert isinstance(delivery.message, Command)
                 ack = self.apply(trainer, delivery.message)
