@@ -25,6 +25,7 @@ def rig(small_corpus, small_config, tmp_path, redis_url, run_id):
     handler = CommandHandler(client, run_id, publisher)
     trainer.controllers.append(handler)
     yield trainer, handler, client, publisher
+    handler.close()
     publisher.close()
 
 
@@ -32,6 +33,12 @@ def _send(client, run_id, **fields) -> Command:
     command = Command(run_id=fields.pop("target", run_id), source="test", **fields)
     client.xadd(stream_key(run_id, Stream.COMMANDS), encode(command))
     return command
+
+
+def _handle(handler, trainer) -> None:
+    """Let the reader thread fetch everything sent so far, then apply it."""
+    assert handler.sync()
+    handler.before_step(trainer)
 
 
 def _acks(client, run_id, publisher) -> dict[str, Ack]:
@@ -45,7 +52,7 @@ def test_value_commands_are_applied_with_before_and_after(rig, run_id):
     lr = _send(client, run_id, action="set_lr", value=2e-4)
     ga = _send(client, run_id, action="set_guided_attention_weight", value=3.0)
     clip = _send(client, run_id, action="set_grad_clip", value=5.0)
-    handler.before_step(trainer)
+    _handle(handler, trainer)
     metrics = trainer.train_step(next(trainer._batches()))
     assert metrics.lr == pytest.approx(2e-4)
     assert metrics.guided_attention_weight == pytest.approx(3.0)
@@ -68,7 +75,7 @@ def test_bad_commands_are_rejected_with_reasons_and_change_nothing(rig, run_id):
     no_checkpoint = _send(client, run_id, action="rollback")
     not_paused = _send(client, run_id, action="resume")
     lr_before = trainer.lr.value(trainer.step)
-    handler.before_step(trainer)
+    _handle(handler, trainer)
     acks = _acks(client, run_id, publisher)
     assert acks[too_high.command_id].status == "rejected"
     assert "0.5" in acks[too_high.command_id].detail or "lr" in acks[too_high.command_id].detail
@@ -84,10 +91,10 @@ def test_bad_commands_are_rejected_with_reasons_and_change_nothing(rig, run_id):
 def test_each_command_is_acked_exactly_once(rig, run_id):
     trainer, handler, client, publisher = rig
     command = _send(client, run_id, action="set_grad_clip", value=2.0)
-    handler.before_step(trainer)
+    _handle(handler, trainer)
     client.xadd(stream_key(run_id, Stream.COMMANDS), encode(command))  # sent again
-    handler.before_step(trainer)
-    handler.before_step(trainer)
+    _handle(handler, trainer)
+    _handle(handler, trainer)
     assert publisher.flush(5)
     statuses = [decode(f, Ack).status for _, f in
                 client.xrange(stream_key(run_id, Stream.ACKS))]
@@ -96,8 +103,9 @@ def test_each_command_is_acked_exactly_once(rig, run_id):
 
 
 def test_pause_resume_and_stop_drive_the_loop(rig, run_id, redis_url):
-    trainer, _, client, publisher = rig
+    trainer, handler, client, publisher = rig
     _send(client, run_id, action="pause")
+    assert handler.sync()
 
     def resume_later() -> None:
         time.sleep(0.6)
@@ -114,6 +122,7 @@ def test_pause_resume_and_stop_drive_the_loop(rig, run_id, redis_url):
     assert time.monotonic() - started >= 0.5 and not trainer.paused
     _send(client, run_id, action="checkpoint_now")
     _send(client, run_id, action="stop")
+    assert handler.sync()
     summary = trainer.train(max_steps=50)
     assert summary["stop_reason"] == "stop_requested" and summary["step"] == 0
     statuses = [(a.action, a.status) for a in _acks(client, run_id, publisher).values()]
@@ -129,7 +138,7 @@ def test_rollback_command_restores_the_last_good_checkpoint(rig, run_id):
     for _ in range(3):
         trainer.train_step(next(batches))
     command = _send(client, run_id, action="rollback")
-    handler.before_step(trainer)
+    _handle(handler, trainer)
     ack = _acks(client, run_id, publisher)[command.command_id]
     assert ack.status == "applied" and (ack.before, ack.after) == (8.0, 5.0)
     assert trainer.step == 5
@@ -141,10 +150,15 @@ def test_redis_outage_never_stops_training(small_corpus, small_config, tmp_path,
     server = RedisProcess(tmp_path).start()
     client = connect(server.url, timeout_s=0.3)
     publisher = Publisher(client, run_id)
+    handler = CommandHandler(client, run_id, publisher)
     trainer = Trainer(small_config, small_corpus, tmp_path / "run", cache_dir=small_corpus /
-                      ".features", progress=False, run_id=run_id,
-                      controllers=[CommandHandler(client, run_id, publisher)])
+                      ".features", progress=False, run_id=run_id, controllers=[handler])
     server.stop()
     summary = trainer.train(max_steps=4)
     assert summary["step"] == 4
+    # the training thread never touches Redis: a poll costs at most its short wait
+    started = time.monotonic()
+    handler.before_step(trainer)
+    assert time.monotonic() - started <= handler.wait_s(trainer) + 0.05
+    handler.close()
     publisher.close(0.5)

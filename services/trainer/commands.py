@@ -9,6 +9,8 @@ carrying the value before and after.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -16,7 +18,7 @@ from collections.abc import Callable
 import redis
 
 from services.core.bounds import check_command
-from services.core.bus import CONNECTION_ERRORS, Consumer, Publisher
+from services.core.bus import CONNECTION_ERRORS, Consumer, Delivery, Publisher
 from services.core.schemas import Ack, Command
 from services.core.streams import Stream, stream_key
 from services.trainer.training import Trainer
@@ -27,16 +29,22 @@ GROUP = "trainer"
 SEEN_LIMIT = 10_000  # command ids remembered for duplicate detection
 RETRY_AFTER_ERROR_S = 2.0
 MAX_COMMANDS_PER_STEP = 20
-# Between steps the handler waits briefly for a command in flight, so that the tuner's answer
+READ_BLOCK_MS = 500  # the reader thread's blocking read; also how fast it notices close()
+# Between steps the trainer waits briefly for a command in flight, so that the tuner's answer
 # to step k's metrics (a few ms away) is applied before step k+1 rather than k+2. The wait
-# costs at most this share of a step's time, and never more than MAX_WAIT_MS.
+# costs at most this share of a step's time, and never more than MAX_WAIT_S.
 WAIT_FRACTION_OF_STEP = 0.01
-MAX_WAIT_MS = 20
-STEP_TIME_SMOOTHING = 0.2  # weight of the newest step in the moving average
+MAX_WAIT_S = 0.02
 
 
 class CommandHandler:
-    """A ``TrainingController`` that applies the run's commands stream to a Trainer."""
+    """A ``TrainingController`` that applies the run's commands stream to a Trainer.
+
+    All Redis I/O happens on a reader thread: it blocks on the stream (Redis answers a
+    blocked read as soon as a command is written) and acks what the trainer has handled.
+    The training thread only looks at an in-process inbox, so a slow or dead Redis never
+    delays a step, and Redis's coarse timer for blocked reads (up to 100 ms) never either.
+    """
 
     def __init__(self, client: redis.Redis, run_id: str, publisher: Publisher,
                  consumer_name: str = "trainer", clock: Callable[[], float] = time.time):
@@ -47,43 +55,91 @@ class CommandHandler:
                                  group=GROUP, name=consumer_name)
         self.seen: OrderedDict[str, str] = OrderedDict()
         self.acks: list[Ack] = []  # this process's acks, newest last (bounded)
-        self._retry_at = 0.0
-        self._pending_done = False
-        self._last_call: float | None = None
-        self.step_seconds = 0.0  # moving average of the time between two calls
+        self._inbox: queue.Queue[Delivery] = queue.Queue()
+        self._handled: queue.Queue[Delivery] = queue.Queue()  # to be acked by the reader
+        self._rounds = 0  # completed reads; lets sync() wait for a read that started later
+        self._round_done = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name=f"commands-{run_id}",
+                                        daemon=True)
+        self._thread.start()
 
-    def wait_ms(self) -> int | None:
-        """How long this poll may wait for a command: a small share of a step, or not at all."""
-        budget = int(WAIT_FRACTION_OF_STEP * self.step_seconds * 1000)
-        return min(MAX_WAIT_MS, budget) if budget >= 1 else None  # Redis: BLOCK 0 = forever
+    # ------------------------------------------------------------ reader thread
+
+    def _read(self) -> None:
+        pending_done = False
+        while not self._stop.is_set():
+            try:
+                self._ack_handled()
+                if not pending_done:
+                    # Entries this consumer read before a crash but never acked.
+                    for delivery in self.consumer.pending(MAX_COMMANDS_PER_STEP):
+                        self._inbox.put(delivery)
+                    pending_done = True
+                for delivery in self.consumer.poll(READ_BLOCK_MS, MAX_COMMANDS_PER_STEP):
+                    self._inbox.put(delivery)
+                self._ack_handled()
+            except CONNECTION_ERRORS as error:
+                log.warning("commands stream unreachable (%s); retrying in %.0f s", error,
+                            RETRY_AFTER_ERROR_S)
+                self._stop.wait(RETRY_AFTER_ERROR_S)
+            except Exception:  # never let the reader die silently: log, back off, go on
+                log.exception("command reader failed; retrying")
+                self._stop.wait(RETRY_AFTER_ERROR_S)
+            with self._round_done:
+                self._rounds += 1
+                self._round_done.notify_all()
+
+    def _ack_handled(self) -> None:
+        while True:
+            try:
+                delivery = self._handled.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.consumer.ack(delivery)
+            except CONNECTION_ERRORS:
+                self._handled.put(delivery)  # ack later; the command was applied already
+                raise
+
+    def sync(self, timeout_s: float = 5.0) -> bool:
+        """Wait until the reader has finished a read that began after this call."""
+        with self._round_done:
+            target = self._rounds + 2
+            return self._round_done.wait_for(lambda: self._rounds >= target, timeout_s)
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop the reader thread (after acking what was handled, if Redis allows)."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        try:
+            self._ack_handled()
+        except CONNECTION_ERRORS:
+            log.warning("%d handled commands not acked: Redis unreachable",
+                        self._handled.qsize())
+
+    # ------------------------------------------------------------ training thread
+
+    @staticmethod
+    def wait_s(trainer: Trainer) -> float:
+        """How long to wait for a command in flight: a small share of the last step."""
+        return min(MAX_WAIT_S, WAIT_FRACTION_OF_STEP * trainer.last_step_seconds)
 
     def before_step(self, trainer: Trainer) -> None:
-        """Apply whatever commands arrived since the last step; never raise, never block."""
-        now = time.monotonic()
-        if self._last_call is not None and not trainer.paused:
-            elapsed = now - self._last_call
-            self.step_seconds = elapsed if not self.step_seconds else (
-                STEP_TIME_SMOOTHING * elapsed + (1 - STEP_TIME_SMOOTHING) * self.step_seconds)
-        self._last_call = now
-        if now < self._retry_at:
-            return
-        try:
-            deliveries = []
-            if not self._pending_done:
-                # Entries this consumer read before a crash but never acked.
-                deliveries = self.consumer.pending(MAX_COMMANDS_PER_STEP)
-                self._pending_done = True
-            wait = None if trainer.paused else self.wait_ms()
-            deliveries += self.consumer.poll(block_ms=wait, count=MAX_COMMANDS_PER_STEP)
-            for delivery in deliveries:
-                assert isinstance(delivery.message, Command)
-                ack = self.apply(trainer, delivery.message)
-                self.publisher.publish(Stream.ACKS, ack)
-                self.consumer.ack(delivery)
-        except CONNECTION_ERRORS as error:
-            log.warning("commands stream unreachable (%s); retrying in %.0f s", error,
-                        RETRY_AFTER_ERROR_S)
-            self._retry_at = now + RETRY_AFTER_ERROR_S
+        """Apply the commands that arrived since the last step; never raises, never blocks
+        for more than ``wait_s``."""
+        wait = 0.0 if trainer.paused else self.wait_s(trainer)
+        for _ in range(MAX_COMMANDS_PER_STEP):
+            try:
+                delivery = self._inbox.get(timeout=wait) if wait > 0 else \
+                    self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            wait = 0.0  # only the first command is worth waiting for
+            assert isinstance(delivery.message, Command)
+            ack = self.apply(trainer, delivery.message)
+            self.publisher.publish(Stream.ACKS, ack)
+            self._handled.put(delivery)
 
     def apply(self, trainer: Trainer, command: Command) -> Ack:
         """Check and apply one command; returns its ack (also kept in ``self.acks``)."""

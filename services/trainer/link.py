@@ -25,7 +25,9 @@ class BusLink:
     commands: CommandHandler
 
     def close(self) -> bool:
-        """Flush buffered telemetry (bounded wait); False if some could not be sent."""
+        """Stop reading commands, flush buffered telemetry (bounded wait); False if some
+        could not be sent."""
+        self.commands.close()
         flushed = self.publisher.close(FLUSH_TIMEOUT_S)
         if not flushed:
             log.warning("telemetry not fully flushed: %d messages still buffered",

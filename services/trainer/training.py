@@ -181,6 +181,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.skipped_steps = 0
+        self.last_step_seconds = 0.0
         self.overrides: list[dict[str, Any]] = []
         self.last_eval: EvalResult | None = None
         self.recent_norms: deque[float] = deque(maxlen=cfg.run.eval_every)
@@ -463,6 +464,7 @@ class Trainer:
             grad_norm=norm, lr=lr, guided_attention_weight=ga_weight,
             clip_threshold=threshold, step_seconds=time.perf_counter() - started,
             finite=finite, skipped_steps=self.skipped_steps)
+        self.last_step_seconds = metrics.step_seconds
         self.step += 1
         return metrics
 
