@@ -50,6 +50,8 @@ def train(
     = None,
     batch_size: Annotated[int | None, typer.Option(help="override the preset's batch size")]
     = None,
+    val_size: Annotated[int | None, typer.Option(
+        help="utterances held out as the fixed validation batch")] = None,
     lr: Annotated[float | None, typer.Option(help="override the preset's learning rate")]
     = None,
     run_id: Annotated[str | None, typer.Option(help="name of the run on the bus")] = None,
@@ -78,6 +80,8 @@ def train(
         cfg.run.checkpoint_every = checkpoint_every
     if batch_size:
         cfg.run.batch_size = batch_size
+    if val_size:
+        cfg.run.val_size = val_size
     if lr:
         cfg.optim.learning_rate = lr
     cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate the overridden fields
