@@ -89,3 +89,11 @@ def test_guided_attention_weight_schedule_and_setter():
     assert restored(300) == pytest.approx(2.0)
     with pytest.raises(ValueError):
         schedule.set(-1.0, 300)
+
+
+def test_guided_attention_switched_off_stays_off_despite_a_floor():
+    cfg = OptimConfig(guided_attention_weight=0.0, guided_attention_min_weight=0.05)
+    schedule = GuidedAttentionWeight(cfg)
+    assert schedule(0) == 0.0 and schedule(100_000) == 0.0
+    schedule.set(0.5, 10)  # the tuner may switch it back on
+    assert schedule(10) == 0.5

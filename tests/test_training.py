@@ -78,7 +78,7 @@ def test_resume_is_exact(small_corpus, small_config, tmp_path, one_thread):
                        resume=True)
     assert resumed.step == 5 and resumed.overrides[-1]["after"] == 5e-4
     assert resumed.run_state.restarts == 0  # the first process exited cleanly
-    resumed.lr._override = None  # compare the schedules on equal terms from here on
+    resumed.lr.load_state_dict({"override": None})  # compare the schedules on equal terms
     resumed.train(max_steps=8)
     a, b = _weights(straight.model), _weights(resumed.model)
     for name in a:

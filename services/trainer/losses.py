@@ -14,6 +14,7 @@ from torch import Tensor
 
 from services.trainer.config import OptimConfig
 from services.trainer.model import TacotronOutput, length_mask
+from services.trainer.schedules import DecayingValue
 
 
 def masked_mse(prediction: Tensor, target: Tensor, lengths: Tensor) -> Tensor:
@@ -70,7 +71,7 @@ def guided_attention_loss(alignments: Tensor, input_lengths: Tensor, decoder_len
     return (per_item / decoder_lengths.to(alignments.dtype).clamp_min(1.0)).mean()
 
 
-class GuidedAttentionWeight:
+class GuidedAttentionWeight(DecayingValue):
     """The guided-attention weight over training: hold, then exponential decay to a floor.
 
     It is the one owner of that weight; ``set`` is how the tuner overrides it, after which
@@ -78,39 +79,16 @@ class GuidedAttentionWeight:
     """
 
     def __init__(self, cfg: OptimConfig):
-        self.initial = cfg.guided_attention_weight
-        self.decay_start = cfg.guided_attention_decay_start
-        self.decay_rate = cfg.guided_attention_decay_rate
-        self.decay_steps = cfg.guided_attention_decay_steps
-        self.floor = cfg.guided_attention_min_weight
+        super().__init__(base=cfg.guided_attention_weight,
+                         floor=cfg.guided_attention_min_weight, warmup=0,
+                         start=cfg.guided_attention_decay_start,
+                         rate=cfg.guided_attention_decay_rate,
+                         steps=cfg.guided_attention_decay_steps)
         self.sigma = cfg.guided_attention_sigma
-        self._override: tuple[float, int] | None = None  # (value, step it was set at)
-
-    def _decay(self, step: int) -> float:
-        return self.decay_rate ** (max(0, step - self.decay_start) / self.decay_steps)
 
     def __call__(self, step: int) -> float:
         """The weight to use at ``step``."""
-        if self._override is None:
-            return max(self.floor, self.initial * self._decay(step)) if self.initial else 0.0
-        value, since = self._override
-        ratio = self._decay(step) / self._decay(since)
-        return max(min(self.floor, value), value * ratio)
-
-    def set(self, value: float, step: int) -> None:
-        """Make the weight ``value`` from ``step`` on; decay then continues from there."""
-        if value < 0:
-            raise ValueError("guided attention weight must be >= 0")
-        self._override = (value, step)
-
-    def state_dict(self) -> dict:
-        """What a checkpoint needs to restore the override."""
-        return {"override": self._override}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from ``state_dict``."""
-        override = state.get("override")
-        self._override = tuple(override) if override is not None else None  # type: ignore[assignment]
+        return self.value(step)
 
 
 @dataclass

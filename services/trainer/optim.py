@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from services.trainer.config import OptimConfig
+from services.trainer.schedules import DecayingValue
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Adam:
@@ -30,25 +31,13 @@ class LearningRate:
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig):
         self.optimizer = optimizer
-        self.base = cfg.learning_rate
-        self.floor = cfg.min_learning_rate
-        self.warmup = cfg.warmup_steps
-        self.decay_start = cfg.decay_start
-        self.decay_rate = cfg.decay_rate
-        self.decay_steps = cfg.decay_steps
-        self._override: tuple[float, int] | None = None
-
-    def _decay(self, step: int) -> float:
-        return self.decay_rate ** (max(0, step - self.decay_start) / self.decay_steps)
+        self.schedule = DecayingValue(base=cfg.learning_rate, floor=cfg.min_learning_rate,
+                                      warmup=cfg.warmup_steps, start=cfg.decay_start,
+                                      rate=cfg.decay_rate, steps=cfg.decay_steps)
 
     def value(self, step: int) -> float:
         """The learning rate for optimizer step ``step`` (0-based)."""
-        if self._override is not None:
-            value, since = self._override
-            return max(min(self.floor, value), value * self._decay(step) / self._decay(since))
-        if step < self.warmup:
-            return self.base * (step + 1) / (self.warmup + 1)
-        return max(self.floor, self.base * self._decay(step))
+        return self.schedule.value(step)
 
     def apply(self, step: int) -> float:
         """Write the LR for ``step`` into the optimizer; returns it."""
@@ -61,14 +50,13 @@ class LearningRate:
         """Override: the LR is ``value`` from ``step`` on (bounds are the caller's job)."""
         if not value > 0 or not math.isfinite(value):
             raise ValueError("learning rate must be a positive finite number")
-        self._override = (value, step)
+        self.schedule.set(value, step)
         self.apply(step)
 
     def state_dict(self) -> dict:
         """Override state for exact resume (the schedule itself comes from the config)."""
-        return {"override": self._override}
+        return self.schedule.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict``."""
-        override = state.get("override")
-        self._override = (float(override[0]), int(override[1])) if override else None
+        self.schedule.load_state_dict(state)
