@@ -48,9 +48,24 @@ def score_enqueuer(redis_url: str):
     return enqueue
 
 
+def process_rank() -> int:
+    """This process's rank in torch.distributed, 0 when not distributed."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def attach(trainer: Trainer, redis_url: str, snapshot_every: int | None = None,
-           enqueue_scoring: bool = True) -> BusLink:
-    """Publish the trainer's telemetry and obey its run's commands stream."""
+           enqueue_scoring: bool = True) -> BusLink | None:
+    """Publish the trainer's telemetry and obey its run's commands stream.
+
+    Only rank 0 of a distributed run talks to the bus (None elsewhere): one run, one
+    stream of metrics, one reader of its commands.
+    """
+    rank = process_rank()
+    if rank != 0:
+        log.info("rank %d: telemetry and commands are rank 0's job", rank)
+        return None
     client = connect(redis_url)
     run_id = trainer.run_state.run_id
     publisher = Publisher(client, run_id)
