@@ -58,6 +58,20 @@ class RestartPolicy:
         return min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** max(0, self.consecutive - 1))
 
 
+def stop_process(process: subprocess.Popen, name: str, grace_s: float,
+                 sig: int = signal.SIGTERM) -> None:
+    """Send ``sig``, wait up to ``grace_s`` for a clean exit, then kill."""
+    if process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop within %.0f s; killing it", name, grace_s)
+        process.kill()
+        process.wait()
+
+
 def newest_step(run_dir: Path) -> int:
     """Step of the newest checkpoint listed in the run's manifest, -1 when none."""
     folder = run_dir / "checkpoints"
@@ -112,13 +126,5 @@ class TrainerSupervisor:
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Ask the trainer to stop cleanly (SIGINT: it checkpoints), kill it after grace."""
         self._stopping.set()
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning("trainer did not stop within %.0f s; killing it", grace_s)
-            process.kill()
-            process.wait()
+        if self.process is not None:
+            stop_process(self.process, "trainer", grace_s, signal.SIGINT)

@@ -25,7 +25,7 @@ from services.core.bus import connect
 from services.core.schemas import Event, encode
 from services.core.streams import Stream, maxlen_for, stream_key
 from services.launcher.redis_server import RedisProcess, answers
-from services.launcher.supervisor import RestartPolicy, TrainerSupervisor
+from services.launcher.supervisor import RestartPolicy, TrainerSupervisor, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,7 @@ class Launcher:
     def stop_all(self) -> None:
         """SIGTERM in reverse start order, SIGKILL after a grace period."""
         for name, process in reversed(self.children):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(CHILD_STOP_GRACE_S)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop; killing it", name)
-                    process.kill()
-                    process.wait()
+            stop_process(process, name, CHILD_STOP_GRACE_S)
         self.redis.stop()
 
 
