@@ -117,6 +117,10 @@ class AttentionSample(BaseModel):
 
     def to_array(self) -> np.ndarray:
         """Decode to float32 [T, N]; raises MessageError on bad base64, zlib or size."""
+        return self.to_float16().astype(np.float32)
+
+    def to_float16(self) -> np.ndarray:
+        """Decode to a read-only float16 [T, N] view of the payload (no conversion copy)."""
         expected = self.shape[0] * self.shape[1] * 2
         try:
             payload = base64.b64decode(self.data, validate=True)
@@ -131,7 +135,7 @@ class AttentionSample(BaseModel):
         if len(raw) != expected or tail:
             raise MessageError(f"attention payload has {len(raw)} bytes, shape {self.shape} "
                                f"needs {expected}")
-        return np.frombuffer(raw, dtype=np.float16).reshape(self.shape).astype(np.float32)
+        return np.frombuffer(raw, dtype=np.float16).reshape(self.shape)
 
 
 class AttentionSnapshot(Message):

@@ -30,7 +30,8 @@ def stack_samples(samples: Sequence[AttentionSample]
     """
     if not samples:
         raise MessageError("snapshot has no samples")
-    blocks = [s.to_array()[:s.output_length, :s.input_length] for s in samples]
+    # float16 views: the copy into the float32 batch below is the only conversion.
+    blocks = [s.to_float16()[:s.output_length, :s.input_length] for s in samples]
     steps = max(block.shape[0] for block in blocks)
     tokens = max(block.shape[1] for block in blocks)
     batch = np.zeros((len(blocks), steps, tokens), dtype=np.float32)
