@@ -22,6 +22,16 @@ CONSECUTIVE_RESTARTS_RED_FLAG = 3
 LOSS_PLATEAU_STEPS_RED_FLAG = 1000
 
 
+# Indicator names, as reports and messages show them.
+GRAD_NORM = "grad norm (pre-clip)"
+DIAGONALITY = "diagonality"
+RESTARTS = "restarts"
+LOSS = "loss"
+QUALITY = "quality %"
+# The two that need an alignment report to be judged at all.
+ALIGNMENT_INDICATORS = frozenset({DIAGONALITY, QUALITY})
+
+
 class Indicator(BaseModel):
     """One success indicator: its value, the threshold it is held to, and whether it is met."""
 
@@ -46,15 +56,15 @@ def evaluate_indicators(
     model optimises (mel + postnet mel + gate), ``quality`` is a percentage.
     """
     return [
-        Indicator(name="grad norm (pre-clip)", value=grad_norm, threshold=GRAD_NORM_OK,
+        Indicator(name=GRAD_NORM, value=grad_norm, threshold=GRAD_NORM_OK,
                   comparison="<", met=grad_norm < GRAD_NORM_OK),
-        Indicator(name="diagonality", value=diagonality, threshold=DIAGONALITY_OK,
+        Indicator(name=DIAGONALITY, value=diagonality, threshold=DIAGONALITY_OK,
                   comparison=">", met=diagonality > DIAGONALITY_OK),
-        Indicator(name="restarts", value=float(restarts), threshold=float(MAX_RESTARTS_OK),
+        Indicator(name=RESTARTS, value=float(restarts), threshold=float(MAX_RESTARTS_OK),
                   comparison="<=", met=restarts <= MAX_RESTARTS_OK),
-        Indicator(name="loss", value=loss, threshold=LOSS_OK, comparison="<",
+        Indicator(name=LOSS, value=loss, threshold=LOSS_OK, comparison="<",
                   met=loss < LOSS_OK),
-        Indicator(name="quality %", value=quality, threshold=QUALITY_OK, comparison=">",
+        Indicator(name=QUALITY, value=quality, threshold=QUALITY_OK, comparison=">",
                   met=quality > QUALITY_OK),
     ]
 

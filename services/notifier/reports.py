@@ -1,0 +1,604 @@
+"""Telegram reports: pure formatting of metrics, alignment, tuner actions and events.
+
+Every report is text for Telegram's HTML parse mode, in Russian or English. All the words
+live in ``MESSAGES`` (one table of templates per language); every value that comes from data
+(run ids, details, notes, rule names) goes through ``escape``. The indicator thresholds are
+read from ``services.core.indicators``, never repeated here.
+
+Each HTML tag pair a report emits opens and closes on the same line, so ``split_message``,
+which cuts only at newlines, never separates a tag from its closing tag.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from services.core.indicators import ALIGNMENT_INDICATORS, Indicator, evaluate_indicators
+from services.core.schemas import (
+    ActionRecord,
+    AlignmentReport,
+    AlignmentScores,
+    Event,
+    MetricsMessage,
+    Trigger,
+)
+
+Language = Literal["ru", "en"]
+
+TELEGRAM_MESSAGE_LIMIT = 4096  # UTF-16 code units, as Telegram counts them
+UTF16_UNIT_BYTES = 2
+
+# Trends: a change within the tolerance (absolute, in the score's own units) is flat.
+SCORE_TOLERANCE = 0.01  # scores in [0, 1]
+QUALITY_TOLERANCE = 1.0  # quality, in percentage points
+ARROW_UP, ARROW_DOWN, ARROW_FLAT = "↑", "↓", "→"
+GOOD_MARK, BAD_MARK = "🟢", "🔴"
+MET_MARK, UNMET_MARK, PENDING_MARK = "✅", "❌", "⏳"
+CRITICAL_MARK = "🚨"
+BULLET = "•"
+INDENT = "  "
+
+MAX_ACTIONS_SHOWN = 10  # the progress report lists at most the latest this many actions
+MAX_DATA_VALUE_CHARS = 200  # a nested event data value is cut to this many characters
+
+# Indicators (by ``Indicator.name``) that need an alignment report; without one they are
+# shown as pending instead of failed.
+
+# (AlignmentScores field, higher is better, trend tolerance, is a percentage)
+SCORE_ROWS: tuple[tuple[str, bool, float, bool], ...] = (
+    ("diagonality", True, SCORE_TOLERANCE, False),
+    ("focus", True, SCORE_TOLERANCE, False),
+    ("monotonicity", True, SCORE_TOLERANCE, False),
+    ("coverage", True, SCORE_TOLERANCE, False),
+    ("entropy", False, SCORE_TOLERANCE, False),
+    ("quality", True, QUALITY_TOLERANCE, True),
+)
+
+# Per-kind emoji of event reports (language independent).
+EVENT_ICONS: dict[str, str] = {
+    "run_started": "🚀", "checkpoint_saved": "💾", "restart": "🔄", "red_flag": CRITICAL_MARK,
+    "recovered": MET_MARK, "indicators_met": "🏆", "paused": "⏸️", "resumed": "▶️",
+    "finished": "🏁", "stopped": "⏹️", "events_dropped": "⚠️", "critical": CRITICAL_MARK,
+}
+
+MESSAGES: dict[Language, dict[str, str]] = {
+    "ru": {
+        "progress_title": "🤖 <b>Smart Tuner V2 - Детальный отчет</b>",
+        "run_step": "Запуск: <code>{run_id}</code> · шаг {step}",
+        "losses_header": "📉 <b>Потери</b>",
+        "losses_total": "objective: {objective} · loss: {loss}",
+        "losses_parts": "mel: {mel} · postnet: {postnet} · gate: {gate} · "
+                        "guided attention: {guided}",
+        "grad_norm": "📊 Gradient Norm: {value} (до клиппинга; порог клиппинга {clip})",
+        "lr": "⚙️ LR: {lr} · вес guided attention: {weight}",
+        "non_finite": "⚠️ Нечисловые значения на шаге; пропущено шагов: {skipped}",
+        "skipped": "⚠️ Пропущено шагов: {skipped}",
+        "alignment_header": "🎯 <b>Выравнивание</b> (шаг {step})",
+        "no_alignment": "🎯 Данных о выравнивании пока нет",
+        "score_line": "{label}: {value} {arrow}",
+        "score_diagonality": "Attention Diagonality",
+        "score_focus": "Фокус",
+        "score_monotonicity": "Монотонность",
+        "score_coverage": "Покрытие",
+        "score_entropy": "Энтропия",
+        "score_quality": "Качество",
+        "indicators_header": "🏁 <b>Индикаторы успеха</b>: {met}/{total}",
+        "indicator_line": "{mark} {name}: {value} (цель {comparison} {threshold})",
+        "no_data": "нет данных",
+        "indicator_grad norm (pre-clip)": "Gradient norm (до клиппинга)",
+        "indicator_diagonality": "Диагональность",
+        "indicator_restarts": "Перезапуски",
+        "indicator_loss": "Loss",
+        "indicator_quality %": "Качество, %",
+        "actions_header": "🛠️ <b>Выполненные действия</b>:",
+        "no_actions": "Действий не было",
+        "earlier_actions": "… и ещё {count} ранее",
+        "action_line": "{rule}: {metric} {value} (порог {threshold}) → {action}{change} · "
+                       "{ack}{effect}",
+        "action_ack": "ответ: {status}",
+        "action_no_ack": "ждёт ответа",
+        "action_effect": " · эффект: {metric} {before} → {after} за {steps} шагов {mark}",
+        "action_title": "🛠️ <b>Действие тюнера</b> · {stage}",
+        "run": "Запуск: <code>{run_id}</code>",
+        "trigger": "📍 Триггер: {rule} — {metric} = {value}, порог {threshold}, "
+                   "окно {window} шагов",
+        "command": "⚙️ Команда: {action}{value} (источник: {source})",
+        "note": "📝 {note}",
+        "ack": "📨 Ответ тренера: {status} на шаге {step}{change}",
+        "ack_detail": "📨 Подробности: {detail}",
+        "ack_pending": "📨 Ответ тренера: ожидается",
+        "effect": "📈 Эффект: {metric} {before} → {after} за {steps} шагов — {result}",
+        "effect_pending": "📈 Эффект: ещё не измерен",
+        "recovered_yes": "✅ восстановилось",
+        "recovered_no": "❌ не восстановилось",
+        "stage_issued": "команда отправлена",
+        "stage_acked": "тренер ответил",
+        "stage_measured": "эффект измерен",
+        "status_applied": "применено",
+        "status_rejected": "отклонено",
+        "status_expired": "просрочено",
+        "status_duplicate": "повтор",
+        "event_run_started": "<b>Обучение запущено</b>",
+        "event_checkpoint_saved": "<b>Чекпойнт сохранён</b>",
+        "event_restart": "<b>Перезапуск обучения</b>",
+        "event_red_flag": "<b>RED FLAG</b>",
+        "event_recovered": "<b>Восстановление</b>",
+        "event_indicators_met": "<b>Все индикаторы успеха выполнены</b>",
+        "event_paused": "<b>Обучение на паузе</b>",
+        "event_resumed": "<b>Обучение продолжено</b>",
+        "event_finished": "<b>Обучение завершено</b>",
+        "event_stopped": "<b>Обучение остановлено</b>",
+        "event_events_dropped": "<b>Потеряны сообщения телеметрии</b>",
+        "event_critical": "<b>Критическая ошибка</b>",
+        "event_step": " · шаг {step}",
+        "data_line": "{key}: {value}",
+        "summary_header": "🏁 <b>Индикаторы успеха</b>: {met}/{total}",
+        "yes": "да",
+        "no": "нет",
+        "key_restarts": "Перезапусков",
+        "key_consecutive": "Подряд",
+        "key_dropped": "Потеряно сообщений",
+        "key_dropped_total": "Потеряно всего",
+        "key_stop_reason": "Причина остановки",
+        "key_all_indicators_met": "Все индикаторы выполнены",
+        "key_step": "Шаг",
+        "key_file": "Файл",
+        "key_healthy": "Исправен",
+        "key_rule": "Правило",
+        "key_source": "Источник",
+        "key_metrics": "Метрики",
+    },
+    "en": {
+        "progress_title": "🤖 <b>Smart Tuner V2 - Detailed report</b>",
+        "run_step": "Run: <code>{run_id}</code> · step {step}",
+        "losses_header": "📉 <b>Losses</b>",
+        "losses_total": "objective: {objective} · loss: {loss}",
+        "losses_parts": "mel: {mel} · postnet: {postnet} · gate: {gate} · "
+                        "guided attention: {guided}",
+        "grad_norm": "📊 Gradient Norm: {value} (pre-clip; clip threshold {clip})",
+        "lr": "⚙️ LR: {lr} · guided attention weight: {weight}",
+        "non_finite": "⚠️ Non-finite values at this step; skipped steps: {skipped}",
+        "skipped": "⚠️ Skipped steps: {skipped}",
+        "alignment_header": "🎯 <b>Alignment</b> (step {step})",
+        "no_alignment": "🎯 No alignment report yet",
+        "score_line": "{label}: {value} {arrow}",
+        "score_diagonality": "Attention Diagonality",
+        "score_focus": "Focus",
+        "score_monotonicity": "Monotonicity",
+        "score_coverage": "Coverage",
+        "score_entropy": "Entropy",
+        "score_quality": "Quality",
+        "indicators_header": "🏁 <b>Success indicators</b>: {met}/{total}",
+        "indicator_line": "{mark} {name}: {value} (target {comparison} {threshold})",
+        "no_data": "no data",
+        "indicator_grad norm (pre-clip)": "Gradient norm (pre-clip)",
+        "indicator_diagonality": "Diagonality",
+        "indicator_restarts": "Restarts",
+        "indicator_loss": "Loss",
+        "indicator_quality %": "Quality, %",
+        "actions_header": "🛠️ <b>Actions taken</b>:",
+        "no_actions": "No actions taken",
+        "earlier_actions": "… and {count} earlier",
+        "action_line": "{rule}: {metric} {value} (threshold {threshold}) → {action}{change} · "
+                       "{ack}{effect}",
+        "action_ack": "ack: {status}",
+        "action_no_ack": "awaiting ack",
+        "action_effect": " · effect: {metric} {before} → {after} over {steps} steps {mark}",
+        "action_title": "🛠️ <b>Tuner action</b> · {stage}",
+        "run": "Run: <code>{run_id}</code>",
+        "trigger": "📍 Trigger: {rule} — {metric} = {value}, threshold {threshold}, "
+                   "window {window} steps",
+        "command": "⚙️ Command: {action}{value} (source: {source})",
+        "note": "📝 {note}",
+        "ack": "📨 Trainer ack: {status} at step {step}{change}",
+        "ack_detail": "📨 Detail: {detail}",
+        "ack_pending": "📨 Trainer ack: pending",
+        "effect": "📈 Effect: {metric} {before} → {after} over {steps} steps — {result}",
+        "effect_pending": "📈 Effect: not measured yet",
+        "recovered_yes": "✅ recovered",
+        "recovered_no": "❌ not recovered",
+        "stage_issued": "command issued",
+        "stage_acked": "trainer answered",
+        "stage_measured": "effect measured",
+        "status_applied": "applied",
+        "status_rejected": "rejected",
+        "status_expired": "expired",
+        "status_duplicate": "duplicate",
+        "event_run_started": "<b>Training started</b>",
+        "event_checkpoint_saved": "<b>Checkpoint saved</b>",
+        "event_restart": "<b>Training restarted</b>",
+        "event_red_flag": "<b>RED FLAG</b>",
+        "event_recovered": "<b>Recovered</b>",
+        "event_indicators_met": "<b>All success indicators met</b>",
+        "event_paused": "<b>Training paused</b>",
+        "event_resumed": "<b>Training resumed</b>",
+        "event_finished": "<b>Training finished</b>",
+        "event_stopped": "<b>Training stopped</b>",
+        "event_events_dropped": "<b>Telemetry messages lost</b>",
+        "event_critical": "<b>Critical error</b>",
+        "event_step": " · step {step}",
+        "data_line": "{key}: {value}",
+        "summary_header": "🏁 <b>Success indicators</b>: {met}/{total}",
+        "yes": "yes",
+        "no": "no",
+        "key_restarts": "Restarts",
+        "key_consecutive": "In a row",
+        "key_dropped": "Messages lost",
+        "key_dropped_total": "Lost in total",
+        "key_stop_reason": "Stop reason",
+        "key_all_indicators_met": "All indicators met",
+        "key_step": "Step",
+        "key_file": "File",
+        "key_healthy": "Healthy",
+        "key_rule": "Rule",
+        "key_source": "Source",
+        "key_metrics": "Metrics",
+    },
+}
+
+_TAG = re.compile(r"<[^>]*>")
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def escape(text: object) -> str:
+    """``text`` made safe for Telegram's HTML parse mode: ``&``, ``<`` and ``>`` escaped."""
+    return html.escape(str(text), quote=False)
+
+
+def _non_finite(value: float) -> str | None:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Inf" if value > 0 else "-Inf"
+    return None
+
+
+def format_number(value: float) -> str:
+    """Four significant digits (losses, norms, thresholds); NaN as ``NaN``, infinities ``Inf``."""
+    return _non_finite(value) or f"{value:.4g}"
+
+
+def format_lr(value: float) -> str:
+    """A learning rate in scientific notation, e.g. ``1.0e-03``."""
+    return _non_finite(value) or f"{value:.1e}"
+
+
+def format_score(value: float) -> str:
+    """An alignment score in [0, 1] with three decimals, e.g. ``0.712``."""
+    return _non_finite(value) or f"{value:.3f}"
+
+
+def format_percent(value: float) -> str:
+    """A percentage with one decimal, e.g. ``85.0%``."""
+    return _non_finite(value) or f"{value:.1f}%"
+
+
+def _format_command_value(action: str, value: float | None) -> str:
+    if value is None:
+        return "?"
+    return format_lr(value) if action == "set_lr" else format_number(value)
+
+
+def trend_arrow(previous: float | None, current: float, higher_is_better: bool,
+                tolerance: float) -> str:
+    """The trend from ``previous`` to ``current``: an arrow and, for a change, a verdict.
+
+    ``"→"`` when the change is within ``tolerance`` (absolute); otherwise ``"↑"`` or ``"↓"``
+    followed by ``🟢`` when the move is good (up for a higher-is-better score, down for a
+    lower-is-better one) and ``🔴`` when bad. ``""`` when there is no trend to show: no
+    previous value, or either value is not finite.
+    """
+    if previous is None or not (math.isfinite(previous) and math.isfinite(current)):
+        return ""
+    delta = current - previous
+    if abs(delta) <= tolerance:
+        return ARROW_FLAT
+    rising = delta > 0
+    good = rising == higher_is_better
+    return (ARROW_UP if rising else ARROW_DOWN) + (GOOD_MARK if good else BAD_MARK)
+
+
+def _line(text: str, depth: int = 0) -> str:
+    return (INDENT * depth + text).rstrip()
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def _score_lines(words: Mapping[str, str], scores: AlignmentScores,
+                 previous: AlignmentScores | None) -> list[str]:
+    lines = []
+    for field, higher_is_better, tolerance, percent in SCORE_ROWS:
+        current = float(getattr(scores, field))
+        before = None if previous is None else float(getattr(previous, field))
+        value = format_percent(current) if percent else format_score(current)
+        arrow = trend_arrow(before, current, higher_is_better, tolerance)
+        lines.append(_line(words["score_line"].format(
+            label=words[f"score_{field}"], value=value, arrow=arrow), 1))
+    return lines
+
+
+def _indicator_name(words: Mapping[str, str], name: str) -> str:
+    return words.get(f"indicator_{name}", escape(name))
+
+
+def _indicator_lines(words: Mapping[str, str], checks: Sequence[Indicator],
+                     pending: frozenset[str] = frozenset()) -> list[str]:
+    met = sum(check.met for check in checks if check.name not in pending)
+    lines = [words["indicators_header"].format(met=met, total=len(checks))]
+    for check in checks:
+        waiting = check.name in pending
+        mark = PENDING_MARK if waiting else (MET_MARK if check.met else UNMET_MARK)
+        value = words["no_data"] if waiting else format_number(check.value)
+        lines.append(_line(words["indicator_line"].format(
+            mark=mark, name=_indicator_name(words, check.name), value=value,
+            comparison=escape(check.comparison), threshold=f"{check.threshold:g}"), 1))
+    return lines
+
+
+def _action_line(words: Mapping[str, str], record: ActionRecord) -> str:
+    trigger, command, ack, effect = record.trigger, record.command, record.ack, record.effect
+    if ack is not None and (ack.before is not None or ack.after is not None):
+        change = (f" {_format_command_value(command.action, ack.before)} → "
+                  f"{_format_command_value(command.action, ack.after)}")
+    elif command.value is not None:
+        change = f" → {_format_command_value(command.action, command.value)}"
+    else:
+        change = ""
+    ack_text = (words["action_ack"].format(status=words[f"status_{ack.status}"])
+                if ack is not None else words["action_no_ack"])
+    effect_text = "" if effect is None else words["action_effect"].format(
+        metric=escape(effect.metric), before=format_number(effect.before),
+        after=format_number(effect.after), steps=effect.steps,
+        mark=MET_MARK if effect.recovered else UNMET_MARK)
+    return _line(f"{BULLET} " + words["action_line"].format(
+        rule=escape(trigger.rule), metric=escape(trigger.metric),
+        value=format_number(trigger.value), threshold=format_number(trigger.threshold),
+        action=escape(command.action), change=change, ack=ack_text, effect=effect_text), 1)
+
+
+def progress_report(run_id: str, metrics: MetricsMessage, report: AlignmentReport | None,
+                    previous_report: AlignmentReport | None, actions: Sequence[ActionRecord],
+                    restarts: int, language: Language) -> str:
+    """The periodic progress report.
+
+    Step, losses, pre-clip grad norm, LR, guided attention weight and clip threshold from
+    ``metrics``; the alignment scores of ``report`` with trend arrows against
+    ``previous_report``; the five success indicators (the loss indicator reads the step's
+    objective, as the tuner does; without a report the alignment ones are pending); and one
+    line per action in ``actions`` (the latest ``MAX_ACTIONS_SHOWN``), or an explicit "no
+    actions" line.
+    """
+    words = MESSAGES[language]
+    lines = [
+        words["progress_title"],
+        words["run_step"].format(run_id=escape(run_id), step=metrics.step),
+        "",
+        words["losses_header"],
+        _line(words["losses_total"].format(objective=format_number(metrics.objective),
+                                           loss=format_number(metrics.loss)), 1),
+        _line(words["losses_parts"].format(
+            mel=format_number(metrics.mel), postnet=format_number(metrics.mel_postnet),
+            gate=format_number(metrics.gate), guided=format_number(metrics.guided_attention)),
+            1),
+        words["grad_norm"].format(value=format_number(metrics.grad_norm),
+                                  clip=format_number(metrics.clip_threshold)),
+        words["lr"].format(lr=format_lr(metrics.lr),
+                           weight=format_number(metrics.guided_attention_weight)),
+    ]
+    if not metrics.finite:
+        lines.append(words["non_finite"].format(skipped=metrics.skipped_steps))
+    elif metrics.skipped_steps:
+        lines.append(words["skipped"].format(skipped=metrics.skipped_steps))
+    lines.append("")
+    if report is None:
+        lines.append(words["no_alignment"])
+    else:
+        lines.append(words["alignment_header"].format(step=report.step))
+        previous = None if previous_report is None else previous_report.scores
+        lines.extend(_score_lines(words, report.scores, previous))
+    checks = evaluate_indicators(
+        grad_norm=metrics.grad_norm,
+        diagonality=math.nan if report is None else report.scores.diagonality,
+        restarts=restarts, loss=metrics.objective,
+        quality=math.nan if report is None else report.scores.quality)
+    lines.append("")
+    lines.extend(_indicator_lines(words, checks,
+                                  ALIGNMENT_INDICATORS if report is None else frozenset()))
+    lines.append("")
+    lines.append(words["actions_header"])
+    if not actions:
+        lines.append(_line(words["no_actions"], 1))
+    else:
+        hidden = max(0, len(actions) - MAX_ACTIONS_SHOWN)
+        if hidden:
+            lines.append(_line(words["earlier_actions"].format(count=hidden), 1))
+        lines.extend(_action_line(words, record) for record in actions[hidden:])
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- actions
+
+
+def _trigger_line(words: Mapping[str, str], trigger: Trigger) -> str:
+    return words["trigger"].format(
+        rule=escape(trigger.rule), metric=escape(trigger.metric),
+        value=format_number(trigger.value), threshold=format_number(trigger.threshold),
+        window=trigger.window)
+
+
+def action_report(record: ActionRecord, language: Language) -> str:
+    """One tuner decision at its current stage (issued, acked or measured).
+
+    The trigger (rule, metric, value, threshold, window), the command (action, value,
+    source, note), the trainer's ack (status, step, before → after, detail) and the measured
+    effect (metric before → after over N steps, recovered or not); an ack or effect not in
+    yet is shown as pending.
+    """
+    words = MESSAGES[language]
+    command, ack, effect = record.command, record.ack, record.effect
+    value = ("" if command.value is None
+             else f" {_format_command_value(command.action, command.value)}")
+    lines = [
+        words["action_title"].format(stage=words[f"stage_{record.stage}"]),
+        words["run"].format(run_id=escape(record.run_id)),
+        _trigger_line(words, record.trigger),
+        words["command"].format(action=escape(command.action), value=value,
+                                source=escape(command.source)),
+    ]
+    if command.note:
+        lines.append(words["note"].format(note=escape(command.note)))
+    if ack is None:
+        lines.append(words["ack_pending"])
+    else:
+        change = ""
+        if ack.before is not None or ack.after is not None:
+            change = (f", {_format_command_value(command.action, ack.before)} → "
+                      f"{_format_command_value(command.action, ack.after)}")
+        lines.append(words["ack"].format(status=words[f"status_{ack.status}"], step=ack.step,
+                                         change=change))
+        if ack.detail:
+            lines.append(words["ack_detail"].format(detail=escape(ack.detail)))
+    if effect is None:
+        lines.append(words["effect_pending"])
+    else:
+        lines.append(words["effect"].format(
+            metric=escape(effect.metric), before=format_number(effect.before),
+            after=format_number(effect.after), steps=effect.steps,
+            result=words["recovered_yes" if effect.recovered else "recovered_no"]))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- events
+
+
+def _data_value(words: Mapping[str, str], value: Any) -> str:
+    if isinstance(value, bool):
+        return words["yes" if value else "no"]
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return format_number(value)
+    if isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value, ensure_ascii=False, default=str, sort_keys=True)
+    if len(text) > MAX_DATA_VALUE_CHARS:
+        text = text[:MAX_DATA_VALUE_CHARS - 1] + "…"
+    return escape(text)
+
+
+def _parse_indicators(raw: Any) -> list[Indicator] | None:
+    if not isinstance(raw, list):
+        return None
+    try:
+        return [Indicator.model_validate(item) for item in raw]
+    except ValidationError:
+        return None
+
+
+def _parse_trigger(raw: Any) -> Trigger | None:
+    try:
+        return Trigger.model_validate(raw)
+    except ValidationError:
+        return None
+
+
+def event_report(event: Event, language: Language) -> str:
+    """A lifecycle or health event: its title, run and step, detail and key data.
+
+    Critical events (and every red flag) carry ``🚨``; recoveries ``✅``. A trigger in the
+    data (the tuner's red flags and recoveries) is shown as the trigger line; indicators (a
+    finished or stopped run's summary) as the ✅/❌ list; every other data item as one
+    ``key: value`` line.
+    """
+    words = MESSAGES[language]
+    icon = EVENT_ICONS.get(event.event, "")
+    if event.severity == "critical" and icon != CRITICAL_MARK:
+        icon = f"{CRITICAL_MARK} {icon}".strip()
+    step = "" if event.step is None else words["event_step"].format(step=event.step)
+    lines = [f"{icon} {words[f'event_{event.event}']}".strip(),
+             words["run"].format(run_id=escape(event.run_id)) + step]
+    if event.detail:
+        lines.append(escape(event.detail))
+    data = dict(event.data)
+    trigger = _parse_trigger(data.get("trigger"))
+    if trigger is not None:
+        del data["trigger"]
+        lines.append(_trigger_line(words, trigger))
+    checks = _parse_indicators(data.get("indicators"))
+    if checks is not None:
+        del data["indicators"]
+        lines.extend(_indicator_lines(words, checks))
+    for key in sorted(data, key=str):
+        label = words.get(f"key_{key}", escape(key))
+        lines.append(words["data_line"].format(key=label, value=_data_value(words, data[key])))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- splitting
+
+
+def utf16_length(text: str) -> int:
+    """Length in UTF-16 code units, as Telegram counts its message limit."""
+    return len(text.encode("utf-16-le")) // UTF16_UNIT_BYTES
+
+
+def _hard_split(line: str, limit: int) -> list[str]:
+    """An overlong line as plain text (tags stripped), cut so each escaped piece fits."""
+    plain = html.unescape(_TAG.sub("", line))
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for char in plain:
+        cost = utf16_length(escape(char))
+        if current and size + cost > limit:
+            pieces.append(escape("".join(current)))
+            current, size = [], 0
+        current.append(char)
+        size += cost
+    if current:
+        pieces.append(escape("".join(current)))
+    return pieces
+
+
+def split_message(text: str, limit: int = TELEGRAM_MESSAGE_LIMIT) -> list[str]:
+    """``text`` cut into Telegram messages of at most ``limit`` UTF-16 code units each.
+
+    Cuts only at newlines (the newline at a cut is dropped), so a tag pair kept on one line
+    is never separated. A single line longer than ``limit`` is sent as plain text: its tags
+    are stripped and it is cut anywhere (never inside a character or an HTML entity).
+    Chunks that would be blank are dropped, so every chunk has visible text; blank text
+    gives no chunks. ``limit`` must leave room for an escaped character (at least 5).
+    """
+    if limit < len("&amp;"):
+        raise ValueError(f"limit {limit} is too small for an escaped character")
+    chunks: list[str] = []
+    current: str | None = None
+    size = 0
+    for line in text.split("\n"):
+        length = utf16_length(line)
+        if length > limit:
+            if current is not None:
+                chunks.append(current)
+                current = None
+            chunks.extend(_hard_split(line, limit))
+        elif current is None:
+            current, size = line, length
+        elif size + 1 + length <= limit:
+            current, size = f"{current}\n{line}", size + 1 + length
+        else:
+            chunks.append(current)
+            current, size = line, length
+    if current is not None:
+        chunks.append(current)
+    return [chunk for chunk in chunks if chunk.strip()]

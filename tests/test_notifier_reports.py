@@ -1,0 +1,312 @@
+"""Notifier reports: contents, indicators, trends, actions, escaping, events and splitting."""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import get_args
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.core.indicators import evaluate_indicators
+from services.core.schemas import (
+    Ack,
+    ActionRecord,
+    AlignmentReport,
+    AlignmentScores,
+    Command,
+    Effect,
+    Event,
+    EventKind,
+    MetricsMessage,
+    Trigger,
+)
+from services.notifier.reports import (
+    MESSAGES,
+    action_report,
+    escape,
+    event_report,
+    progress_report,
+    split_message,
+    trend_arrow,
+    utf16_length,
+)
+
+RUN = "run-1"
+LANGUAGES = ("ru", "en")
+HOSTILE = "<script>&"
+
+
+def metrics(**overrides: object) -> MetricsMessage:
+    values: dict = dict(run_id=RUN, step=1200, loss=0.8123, mel=0.41234, mel_postnet=0.38,
+                        gate=0.0312, guided_attention=0.0045, objective=0.8168, grad_norm=3.2,
+                        lr=1e-3, guided_attention_weight=2.5, clip_threshold=1.0,
+                        step_seconds=0.4, finite=True, skipped_steps=0)
+    values.update(overrides)
+    return MetricsMessage(**values)
+
+
+def scores(diagonality: float, quality: float, entropy: float = 0.3) -> AlignmentScores:
+    return AlignmentScores(diagonality=diagonality, monotonicity=0.9, focus=0.6, coverage=0.8,
+                           entropy=entropy, quality=quality)
+
+
+def alignment(step: int, value: AlignmentScores) -> AlignmentReport:
+    return AlignmentReport(run_id=RUN, snapshot_id=f"s{step}", step=step, scores=value,
+                           per_sample=[value])
+
+
+def record(stage: str = "measured", detail: str = "", note: str = "") -> ActionRecord:
+    trigger = Trigger(rule="grad_explosion", metric="grad_norm", value=412.5, threshold=100.0,
+                      window=50)
+    command = Command(run_id=RUN, command_id="c1", action="set_lr", value=5e-4, source="tuner",
+                      reason=trigger, note=note)
+    ack = None if stage == "issued" else Ack(
+        run_id=RUN, command_id="c1", action="set_lr", status="applied", step=1100,
+        before=1e-3, after=5e-4, detail=detail)
+    effect = None if stage != "measured" else Effect(
+        metric="grad_norm", before=412.5, after=3.2, steps=100, recovered=True)
+    return ActionRecord(run_id=RUN, action_id="a1", stage=stage, trigger=trigger,
+                        command=command, ack=ack, effect=effect)
+
+
+def line_with(text: str, needle: str) -> str:
+    return next(line for line in text.split("\n") if needle in line)
+
+
+def indicator(text: str, words: dict[str, str], name: str) -> str:
+    """The indicator line of ``name`` (an Indicator.name), without its indentation."""
+    label = words[f"indicator_{name}"]
+    return next(line.strip() for line in text.split("\n")
+                if re.match(rf"\s*[✅❌⏳] {re.escape(label)}:", line))
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_progress_report_numbers_indicators_and_trends(language: str) -> None:
+    text = progress_report(RUN, metrics(), alignment(1200, scores(0.05, 42.0, entropy=0.5)),
+                           alignment(1000, scores(0.20, 30.0, entropy=0.3)), [], 0, language)
+    words = MESSAGES[language]
+    assert "Smart Tuner V2" in text
+    assert "📊 Gradient Norm: 3.2 " in text
+    assert "🎯" in text and "Attention Diagonality: 0.050" in text
+    assert "LR: 1.0e-03" in text
+    assert "2.5" in line_with(text, "LR:")
+    assert "0.8168" in text and "0.4123" in text  # objective, mel at 4 significant digits
+    # Trends: diagonality fell (bad), quality rose (good), entropy rose (bad: lower is
+    # better), monotonicity unchanged (flat).
+    assert "↓🔴" in line_with(text, "Attention Diagonality")
+    assert "42.0%" in line_with(text, words["score_quality"])
+    assert "↑🟢" in line_with(text, words["score_quality"])
+    assert "↑🔴" in line_with(text, words["score_entropy"])
+    assert line_with(text, words["score_monotonicity"]).endswith("→")
+    # Indicators: grad norm 3.2 met, diagonality 0.05 not, restarts 0 met, loss met,
+    # quality 42 not; the thresholds come from the indicators module.
+    checks = {c.name: c for c in evaluate_indicators(3.2, 0.05, 0, 0.8168, 42.0)}
+    grad = indicator(text, words, "grad norm (pre-clip)")
+    assert grad.strip().startswith("✅")
+    assert escape(f"< {checks['grad norm (pre-clip)'].threshold:g}") in grad
+    diag = indicator(text, words, "diagonality")
+    assert diag.strip().startswith("❌") and "0.05" in diag
+    assert escape(f"> {checks['diagonality'].threshold:g}") in diag
+    assert indicator(text, words, "restarts").startswith("✅")
+    assert indicator(text, words, "quality %").startswith("❌")
+    assert words["indicators_header"].format(met=3, total=5) in text
+    assert words["no_actions"] in text
+
+
+def test_progress_report_no_actions_wording() -> None:
+    ru = progress_report(RUN, metrics(), None, None, [], 0, "ru")
+    en = progress_report(RUN, metrics(), None, None, [], 0, "en")
+    assert "🛠️ <b>Выполненные действия</b>" in ru and "Действий не было" in ru
+    assert "No actions taken" in en
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_progress_report_without_alignment_marks_pending(language: str) -> None:
+    text = progress_report(RUN, metrics(grad_norm=float("nan"), finite=False, skipped_steps=2),
+                           None, None, [], 1, language)
+    words = MESSAGES[language]
+    assert words["no_alignment"] in text
+    assert "Gradient Norm: NaN" in text
+    grad = indicator(text, words, "grad norm (pre-clip)")
+    assert grad.strip().startswith("❌") and "NaN" in grad
+    assert indicator(text, words, "diagonality").startswith("⏳")
+    assert indicator(text, words, "restarts").startswith("❌")
+    assert words["non_finite"].format(skipped=2) in text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_progress_report_lists_actions(language: str) -> None:
+    words = MESSAGES[language]
+    actions = [record("measured"), record("issued")]
+    text = progress_report(RUN, metrics(), None, None, actions, 0, language)
+    lines = [line for line in text.split("\n") if "grad_explosion" in line]
+    assert len(lines) == 2
+    measured, issued = lines
+    assert "412.5" in measured and "100" in measured and "set_lr" in measured
+    assert "1.0e-03 → 5.0e-04" in measured
+    assert words["action_ack"].format(status=words["status_applied"]) in measured
+    assert "grad_norm 412.5 → 3.2" in measured and measured.endswith("✅")
+    assert "→ 5.0e-04" in issued and words["action_no_ack"] in issued
+    assert words["no_actions"] not in text
+
+
+def test_progress_report_caps_actions() -> None:
+    text = progress_report(RUN, metrics(), None, None, [record()] * 13, 0, "en")
+    assert text.count("grad_explosion") == 10
+    assert "… and 3 earlier" in text
+
+
+# ---------------------------------------------------------------------------- actions
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("stage", ["issued", "acked", "measured"])
+def test_action_report_stages(language: str, stage: str) -> None:
+    words = MESSAGES[language]
+    text = action_report(record(stage, detail="lr lowered"), language)
+    assert words[f"stage_{stage}"] in text
+    assert "grad_explosion" in text and "412.5" in text and "100" in text and "50" in text
+    assert "set_lr 5.0e-04" in text
+    if stage == "issued":
+        assert words["ack_pending"] in text and words["effect_pending"] in text
+    else:
+        assert words["status_applied"] in text and "1.0e-03 → 5.0e-04" in text
+        assert "lr lowered" in text
+    if stage == "measured":
+        assert "412.5 → 3.2" in text and words["recovered_yes"] in text
+        assert "100" in line_with(text, "📈")
+    elif stage == "acked":
+        assert words["effect_pending"] in text
+
+
+def test_html_escaping_of_data() -> None:
+    assert escape(HOSTILE) == "&lt;script&gt;&amp;"
+    progress = progress_report(HOSTILE, metrics(), None, None, [], 0, "en")
+    action = action_report(record(detail=HOSTILE, note=HOSTILE), "ru")
+    event = event_report(Event(run_id=RUN, event="critical", severity="critical",
+                               detail=HOSTILE, data={HOSTILE: HOSTILE}), "en")
+    for text in (progress, action, event):
+        assert "<script>" not in text and "&lt;script&gt;&amp;" in text
+        assert not re.search(r"&(?!lt;|gt;|amp;)", text)
+
+
+# ---------------------------------------------------------------------------- events
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("kind", get_args(EventKind))
+def test_every_event_kind_renders(language: str, kind: str) -> None:
+    text = event_report(Event(run_id=RUN, event=kind, step=7, detail="why",
+                              data={"restarts": 2, "extra": [1, 2]}), language)
+    assert RUN in text and "why" in text and "7" in text
+    assert MESSAGES[language]["key_restarts"] + ": 2" in text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_red_flag_recovery_and_finished_summary(language: str) -> None:
+    words = MESSAGES[language]
+    trigger = Trigger(rule="diag_collapse", metric="diagonality", value=0.05, threshold=0.1,
+                      window=500)
+    flag = event_report(Event(run_id=RUN, event="red_flag", severity="critical", step=9,
+                              detail="attention collapsed",
+                              data={"rule": "diag_collapse", "source": "tuner",
+                                    "trigger": trigger.model_dump(mode="json")}), language)
+    assert flag.startswith("🚨") and "diag_collapse" in flag and "0.05" in flag
+    assert "500" in line_with(flag, "📍")
+    recovered = event_report(Event(run_id=RUN, event="recovered", detail="ok"), language)
+    assert recovered.startswith("✅")
+    critical_stop = event_report(Event(run_id=RUN, event="stopped", severity="critical"),
+                                 language)
+    assert critical_stop.startswith("🚨")
+    checks = evaluate_indicators(3.2, 0.8, 0, 0.5, 50.0)
+    finished = event_report(Event(run_id=RUN, event="finished", step=10000, data={
+        "all_indicators_met": False, "stop_reason": "max_steps",
+        "indicators": [c.model_dump() for c in checks], "step": 10000}), language)
+    assert words["summary_header"].format(met=4, total=5) in finished
+    assert indicator(finished, words, "quality %").startswith("❌")
+    assert f"{words['key_all_indicators_met']}: {words['no']}" in finished
+    assert "max_steps" in finished
+
+
+def test_message_tables_have_the_same_keys() -> None:
+    assert MESSAGES["ru"].keys() == MESSAGES["en"].keys()
+
+
+# ---------------------------------------------------------------------------- trends
+
+
+def test_trend_arrow() -> None:
+    assert trend_arrow(None, 0.5, True, 0.01) == ""
+    assert trend_arrow(0.5, 0.505, True, 0.01) == "→"
+    assert trend_arrow(0.4, 0.5, True, 0.01) == "↑🟢"
+    assert trend_arrow(0.5, 0.4, True, 0.01) == "↓🔴"
+    assert trend_arrow(0.5, 0.4, False, 0.01) == "↓🟢"
+    assert trend_arrow(0.4, 0.5, False, 0.01) == "↑🔴"
+    assert trend_arrow(float("nan"), 0.5, True, 0.01) == ""
+
+
+# ---------------------------------------------------------------------------- splitting
+
+
+def non_blank_lines(text: str) -> list[str]:
+    return [line for line in text.split("\n") if line.strip()]
+
+
+def test_split_short_message_is_one_chunk() -> None:
+    text = progress_report(RUN, metrics(), None, None, [record()], 0, "ru")
+    assert split_message(text) == [text]
+    assert split_message("") == [] and split_message("\n \n") == []
+
+
+def test_split_cyrillic_and_emoji_by_utf16_units() -> None:
+    line = "🚨 Диагональность упала 📉"  # each emoji is two UTF-16 units
+    text = "\n".join([line] * 320)
+    assert len(text) < utf16_length(text) and utf16_length(text) > 2 * 4096
+    chunks = split_message(text)
+    assert len(chunks) > 1
+    assert all(0 < utf16_length(chunk) <= 4096 for chunk in chunks)
+    assert "\n".join(chunks) == text
+
+
+def test_split_overlong_line_strips_tags_and_keeps_entities_whole() -> None:
+    line = "<b>" + "😀&ж>" * 50 + "</b>"
+    chunks = split_message(f"head\n{line}\ntail", limit=40)
+    assert chunks[0] == "head" and chunks[-1] == "tail"
+    middle = chunks[1:-1]
+    assert all(utf16_length(chunk) <= 40 for chunk in middle)
+    assert "".join(html.unescape(chunk) for chunk in middle) == "😀&ж>" * 50
+    assert all(escape(html.unescape(chunk)) == chunk for chunk in middle)
+
+
+def test_split_rejects_tiny_limit() -> None:
+    with pytest.raises(ValueError):
+        split_message("abc", limit=4)
+
+
+LINE = st.text(alphabet=st.sampled_from(list("ab <>&жЖ😀🚨\u00e9 ")), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(LINE, max_size=40), limit=st.integers(min_value=30, max_value=200))
+def test_split_property(lines: list[str], limit: int) -> None:
+    text = "\n".join(lines)
+    chunks = split_message(text, limit)
+    assert all(chunk.strip() and utf16_length(chunk) <= limit for chunk in chunks)
+    # No line is overlong (30 chars of at most 2 units): text is only cut at newlines.
+    assert non_blank_lines("\n".join(chunks)) == non_blank_lines(text)
+    if all(line.strip() for line in lines):
+        assert "\n".join(chunks) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("ab<>&ж😀\n")), max_size=400),
+       limit=st.integers(min_value=5, max_value=60))
+def test_split_property_with_overlong_lines(text: str, limit: int) -> None:
+    chunks = split_message(text, limit)
+    assert all(chunk.strip() and utf16_length(chunk) <= limit for chunk in chunks)
