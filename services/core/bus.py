@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -30,6 +31,7 @@ DEFAULT_BUFFER = 10_000
 BATCH_SIZE = 500
 RETRY_INITIAL_S = 0.05
 RETRY_MAX_S = 2.0
+DEAD_LETTER_RAW_CHARS = 65_536  # of the offending payload: enough to see what was wrong
 # Redis errors that mean "not reachable now"; anything else is a bug and is raised.
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -180,6 +182,15 @@ class Delivery:
     message: Message
 
 
+def dead_letter_record(stream: str, entry_id: str, group: str, reason: str,
+                       fields: dict[Any, Any]) -> dict[str, Any]:
+    """The dead-letter stream entry for an unusable message: where, who, why, and the raw."""
+    raw = fields.get(b"data", fields.get("data", b""))
+    raw = raw if isinstance(raw, bytes | str) else repr(raw)
+    return {"stream": stream, "id": entry_id, "group": group, "reason": reason,
+            "raw": raw[:DEAD_LETTER_RAW_CHARS], "ts": str(time.time())}
+
+
 def _decoded(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -222,10 +233,7 @@ class Consumer:
 
     def dead_letter(self, key: str, entry_id: str, fields: dict, reason: str) -> None:
         """Move an entry to the dead-letter stream with ``reason`` and ack it."""
-        raw = fields.get(b"data", fields.get("data", b""))
-        raw = raw if isinstance(raw, bytes | str) else repr(raw)
-        record = {"stream": key, "id": entry_id, "group": self.group, "reason": reason,
-                  "raw": raw[:65_536], "ts": str(time.time())}
+        record = dead_letter_record(key, entry_id, self.group, reason, fields)
         pipe = self.client.pipeline(transaction=False)
         pipe.xadd(DEAD_LETTER_STREAM, record, maxlen=maxlen_for(DEAD_LETTER_STREAM),
                   approximate=True)

@@ -28,7 +28,7 @@ from typing import Any
 import redis
 from celery import Task, shared_task
 
-from services.core.bus import connect
+from services.core.bus import connect, dead_letter_record
 from services.core.schemas import (
     AlignmentReport,
     AttentionSnapshot,
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 # worker down for a while); a week covers a whole run, and markers are a few bytes each.
 DONE_TTL_S = 7 * 24 * 3600
 PNG_TTL_S = 24 * 3600
-DEAD_LETTER_RAW_CHARS = 65_536  # as services.core.bus: enough to see what was wrong
 # Only full ids: XRANGE with a bare millisecond id would match every entry of that ms.
 ENTRY_ID = re.compile(r"^[0-9]+-[0-9]+$")
 INVALID_RUN_LABEL = "<invalid>"  # keeps garbage run ids out of metric label values
@@ -168,12 +167,8 @@ def read_snapshot(client: redis.Redis, run_id: str, entry_id: str | None
 def dead_letter(client: redis.Redis, run_id: object, entry_id: object, reason: str,
                 source: str, fields: dict[Any, Any] | None = None) -> None:
     """Record an unusable request on the dead-letter stream (same fields as the bus uses)."""
-    fields = fields or {}
-    raw = fields.get(b"data", fields.get("data", b""))
-    raw = raw if isinstance(raw, bytes | str) else repr(raw)
     stream = attention_key(run_id) or f"<invalid run id {str(run_id)[:80]!r}>"
-    record = {"stream": stream, "id": str(entry_id), "group": source, "reason": reason,
-              "raw": raw[:DEAD_LETTER_RAW_CHARS], "ts": str(time.time())}
+    record = dead_letter_record(stream, str(entry_id), source, reason, fields or {})
     client.xadd(DEAD_LETTER_STREAM, record, maxlen=maxlen_for(DEAD_LETTER_STREAM),
                 approximate=True)
     log.warning("dead-lettered %s %s (%s): %s", stream, entry_id, source, reason)

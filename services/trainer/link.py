@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 from services.core.bus import Publisher, connect
@@ -37,10 +36,10 @@ class BusLink:
 
 def score_enqueuer(redis_url: str):
     """``enqueue(run_id, entry_id)`` sending the scoring task by name to the diagnostics queue."""
-    from services.core.tasks import DIAGNOSTICS_QUEUE, SCORE_ALIGNMENT, make_client
+    from services.core.tasks import SCORE_ALIGNMENT, diagnostics_queue, make_client
 
     app = make_client(redis_url)
-    queue = os.environ.get("SMART_TUNER_DIAGNOSTICS_QUEUE", DIAGNOSTICS_QUEUE)
+    queue = diagnostics_queue()
 
     def enqueue(run_id: str, entry_id: str) -> None:
         app.send_task(SCORE_ALIGNMENT, args=[run_id, entry_id], queue=queue)
