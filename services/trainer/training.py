@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,10 +140,6 @@ def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _encode(text: str) -> list[int]:
-    return text_frontend.text_to_sequence(text).ids
-
-
 class Trainer:
     """Owns one run: its data, model, optimisation state, checkpoints and run state."""
 
@@ -219,26 +215,26 @@ class Trainer:
         if len(utterances) <= self.cfg.run.val_size:
             raise ValueError(f"{self.data_dir}: {len(utterances)} utterances; need more than "
                              f"val_size={self.cfg.run.val_size}")
-        self._report_unknown_characters(utterances)
         self.store = prepare_features(utterances, self.cfg.audio, cache_dir,
                                       progress=self.progress)
         train, val = split_train_val(utterances, self.cfg.run.val_size, self.cfg.run.seed)
-        self.train_set = TTSDataset(train, self.store, _encode)
+        # Each text is normalised once, by the datasets; the characters it loses are
+        # collected on the way and reported together.
+        unknown: Counter[str] = Counter()
+
+        def encode(text: str) -> list[int]:
+            encoded = text_frontend.text_to_sequence(text)
+            unknown.update(encoded.unknown)
+            return encoded.ids
+
+        self.train_set = TTSDataset(train, self.store, encode)
         self.collate = TextMelCollate(self.cfg.model.n_frames_per_step)
         self.sampler = LengthBucketSampler(self.train_set.mel_lengths, self.cfg.run.batch_size,
                                            self.cfg.run.seed)
-        val_set = TTSDataset(val, self.store, _encode)
+        val_set = TTSDataset(val, self.store, encode)
         self.val_batch = self.collate([val_set[i] for i in range(len(val_set))])
-
-    @staticmethod
-    def _report_unknown_characters(utterances: list) -> None:
-        unknown: dict[str, int] = {}
-        for utt in utterances:
-            for char, count in text_frontend.text_to_sequence(utt.normalized_text).unknown.items():
-                unknown[char] = unknown.get(char, 0) + count
         if unknown:
-            listed = ", ".join(f"{c!r}×{n}" for c, n in sorted(unknown.items(),
-                                                              key=lambda kv: -kv[1]))
+            listed = ", ".join(f"{c!r}×{n}" for c, n in unknown.most_common())
             log.warning("characters outside the symbol table were removed: %s", listed)
 
     def _open_run_state(self, resume: bool, run_id: str | None) -> RunState:
