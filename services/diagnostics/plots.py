@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from services.core.schemas import AlignmentReport, AttentionSnapshot
+
+if TYPE_CHECKING:
+    from services.core.runstore import RunStore
 
 FIGURE_SIZE_INCHES = (8.0, 4.5)
 DPI = 100
@@ -120,3 +125,32 @@ def plot_alignment(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+def render_snapshot(snapshot: AttentionSnapshot, report: AlignmentReport | None) -> bytes:
+    """PNG of sample 0 of ``snapshot``, with its scores when ``report`` is of this snapshot.
+
+    Raises MessageError when the sample's payload does not decode.
+    """
+    sample = snapshot.samples[0]
+    scores = None
+    if report is not None and report.snapshot_id == snapshot.snapshot_id:
+        scores = (report.per_sample[0] if report.per_sample else report.scores).model_dump()
+    return render_alignment_png(
+        sample.to_array(), title=f"{snapshot.run_id} · step {snapshot.step} · sample 0",
+        input_length=sample.input_length, output_length=sample.output_length, scores=scores)
+
+
+def latest_alignment_png(store: RunStore, run_id: str) -> bytes | None:
+    """The run's newest alignment picture: the one the diagnostics worker stored, else sample
+    0 of the newest attention snapshot drawn now; None when the run has neither.
+
+    Raises MessageError when the newest snapshot's payload does not decode.
+    """
+    png = store.stored_png(run_id)
+    if png is not None:
+        return png
+    snapshot = store.latest(run_id, AttentionSnapshot)
+    if snapshot is None:
+        return None
+    return render_snapshot(snapshot, store.latest(run_id, AlignmentReport))

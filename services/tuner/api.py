@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import redis
 from fastapi import (
@@ -48,33 +48,23 @@ from starlette.types import Message as AsgiMessage
 from services.core.bounds import check_command
 from services.core.bus import connect
 from services.core.logging import setup_logging
+from services.core.runstore import RunStore, RunSummary, StreamCounts
 from services.core.schemas import (
     MAX_NOTE_CHARS,
-    SCHEMAS,
     Ack,
     ActionRecord,
     AlignmentReport,
-    AttentionSnapshot,
     Command,
     CommandAction,
     Event,
-    Message,
     MessageError,
     MetricsMessage,
-    decode,
-    encode,
 )
 from services.core.settings import ConfigError, get_settings
 from services.core.streams import (
     RUN_ID_PATTERN,
-    RUNS_KEY,
-    Stream,
-    alignment_png_key,
-    maxlen_for,
-    stream_key,
-    validate_run_id,
 )
-from services.diagnostics.plots import render_alignment_png
+from services.diagnostics.plots import latest_alignment_png
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +74,8 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 RECENT_EVENTS = 10  # events in a run's state
 MAX_WAIT_S = 30.0  # longest a POST may wait for the trainer's ack
-ACK_BLOCK_MS = 500  # one blocking read of the acks stream; below any client socket timeout
 MAX_EXPIRES_IN_S = 7 * 24 * 3600.0
 REQUESTED_BY = "api"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_MEDIA_TYPE = "image/png"
 OUT_OF_BOUNDS = "out_of_bounds"  # the validation error type of a bounds rejection
 COMMAND_ROUTE = "post_command"  # route name of POST /runs/{run_id}/commands
@@ -101,14 +89,6 @@ TAGS = [
     {"name": "runs", "description": "What a run is doing: read from its Redis streams."},
     {"name": "commands", "description": "Corrective commands for the trainer (bearer token)."},
 ]
-
-M = TypeVar("M", bound=Message)
-_STREAM_OF: dict[type[Message], Stream] = {schema: stream for stream, schema in SCHEMAS.items()}
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
 
 # --------------------------------------------------------------------------- response models
 
@@ -124,26 +104,6 @@ class Health(BaseModel):
 
     status: Literal["ok"] = "ok"
     redis_latency_ms: float = Field(ge=0, description="round trip of a PING")
-
-
-class RunSummary(BaseModel):
-    """One known run, as listed by ``GET /runs``."""
-
-    run_id: str
-    last_step: int | None = Field(description="step of the newest metrics message, if any")
-    last_event: Event | None = Field(description="the newest lifecycle or health event")
-
-
-class StreamCounts(BaseModel):
-    """Entries currently held in each of a run's streams (they are capped, see streams.py)."""
-
-    metrics: int
-    attention: int
-    diagnostics: int
-    commands: int
-    acks: int
-    actions: int
-    events: int
 
 
 class RunState(BaseModel):
@@ -214,132 +174,6 @@ class PrometheusResponse(Response):
 
 
 # --------------------------------------------------------------------------- Redis access
-
-
-class RunStore:
-    """The API's only access to Redis: reads a run's streams, writes its commands."""
-
-    def __init__(self, client: redis.Redis):
-        self.client = client
-
-    def ping(self) -> float:
-        """Round trip of a PING in milliseconds; raises redis.ConnectionError if down."""
-        started = time.perf_counter()
-        self.client.ping()
-        return (time.perf_counter() - started) * 1000
-
-    def run_ids(self) -> list[str]:
-        """The ids in the runs set that are valid run ids, sorted."""
-        ids = []
-        for member in self.client.smembers(RUNS_KEY):
-            run_id = _text(member)
-            try:
-                ids.append(validate_run_id(run_id))
-            except ValueError:
-                log.warning("ignoring invalid run id %r in %s", run_id, RUNS_KEY)
-        return sorted(ids)
-
-    def exists(self, run_id: str) -> bool:
-        """Whether ``run_id`` is in the runs set (every publisher adds its run there)."""
-        return bool(self.client.sismember(RUNS_KEY, run_id))
-
-    @staticmethod
-    def _decode(entries: list[Any], schema: type[M]) -> list[M]:
-        """Parse stream entries, skipping (and logging) any that is not a valid message."""
-        messages = []
-        for entry_id, fields in entries:
-            try:
-                messages.append(decode(fields, schema))
-            except MessageError as error:
-                log.warning("skipping %s entry %s: %s", schema.__name__, _text(entry_id),
-                            error.reason)
-        return messages  # type: ignore[return-value]  # decode returns the schema's type
-
-    def recent(self, run_id: str, schema: type[M], limit: int) -> list[M]:
-        """The newest ``limit`` messages of the stream carrying ``schema``, newest last."""
-        key = stream_key(run_id, _STREAM_OF[schema])
-        return self._decode(self.client.xrevrange(key, count=limit), schema)[::-1]
-
-    def latest(self, run_id: str, schema: type[M]) -> M | None:
-        """The newest message of the stream carrying ``schema``."""
-        newest = self.recent(run_id, schema, 1)
-        return newest[0] if newest else None
-
-    def summaries(self) -> list[RunSummary]:
-        """Every known run with its last step and last event, in one round trip."""
-        run_ids = self.run_ids()
-        pipe = self.client.pipeline(transaction=False)
-        for run_id in run_ids:
-            pipe.xrevrange(stream_key(run_id, Stream.METRICS), count=1)
-            pipe.xrevrange(stream_key(run_id, Stream.EVENTS), count=1)
-        replies = pipe.execute()
-        summaries = []
-        for index, run_id in enumerate(run_ids):
-            metrics = self._decode(replies[2 * index], MetricsMessage)
-            events = self._decode(replies[2 * index + 1], Event)
-            summaries.append(RunSummary(run_id=run_id,
-                                        last_step=metrics[0].step if metrics else None,
-                                        last_event=events[0] if events else None))
-        return summaries
-
-    def counts(self, run_id: str) -> StreamCounts:
-        """XLEN of each of the run's streams."""
-        pipe = self.client.pipeline(transaction=False)
-        for stream in Stream:
-            pipe.xlen(stream_key(run_id, stream))
-        lengths = pipe.execute()
-        return StreamCounts(**{stream.value: n for stream, n in zip(Stream, lengths,
-                                                                      strict=True)})
-
-    def last_id(self, run_id: str, stream: Stream) -> str:
-        """Id of the newest entry of a stream, ``0-0`` when empty: where to read on from."""
-        newest = self.client.xrevrange(stream_key(run_id, stream), count=1)
-        return _text(newest[0][0]) if newest else "0-0"
-
-    def publish(self, command: Command) -> str:
-        """XADD ``command`` to its run's commands stream; returns the entry id."""
-        key = stream_key(command.run_id, Stream.COMMANDS)
-        return _text(self.client.xadd(key, encode(command), maxlen=maxlen_for(key),
-                                      approximate=True))
-
-    def wait_for_ack(self, run_id: str, command_id: str, after_id: str,
-                     timeout_s: float) -> Ack | None:
-        """The ack of ``command_id`` written after ``after_id``, or None after ``timeout_s``."""
-        key = stream_key(run_id, Stream.ACKS)
-        deadline = time.monotonic() + timeout_s
-        while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
-            reply = self.client.xread({key: after_id}, count=100,
-                                      block=min(ACK_BLOCK_MS, left_ms))
-            for _, entries in reply or []:
-                after_id = _text(entries[-1][0])
-                for ack in self._decode(entries, Ack):
-                    if ack.command_id == command_id:
-                        return ack
-        return None
-
-    def stored_png(self, run_id: str) -> bytes | None:
-        """The alignment PNG stored by the diagnostics worker, if there is a valid one."""
-        data = self.client.get(alignment_png_key(run_id))
-        if data is None:
-            return None
-        if not data.startswith(PNG_SIGNATURE):
-            log.warning("%s does not hold a PNG; ignoring it", alignment_png_key(run_id))
-            return None
-        return data
-
-
-def render_snapshot(snapshot: AttentionSnapshot, report: AlignmentReport | None) -> bytes:
-    """PNG of sample 0 of ``snapshot``, with its scores when ``report`` is of this snapshot.
-
-    Raises MessageError when the sample's payload does not decode.
-    """
-    sample = snapshot.samples[0]
-    scores = None
-    if report is not None and report.snapshot_id == snapshot.snapshot_id:
-        scores = (report.per_sample[0] if report.per_sample else report.scores).model_dump()
-    return render_alignment_png(
-        sample.to_array(), title=f"{snapshot.run_id} · step {snapshot.step} · sample 0",
-        input_length=sample.input_length, output_length=sample.output_length, scores=scores)
 
 
 # --------------------------------------------------------------------------- app context
@@ -526,17 +360,14 @@ def run_acks(run_id: KnownRun, store: Store, limit: Limit = DEFAULT_LIMIT) -> li
 def alignment_png(run_id: KnownRun, store: Store) -> PngResponse:
     """The PNG the diagnostics worker stored; else sample 0 of the newest attention snapshot,
     drawn now (with its scores when the newest alignment report is of that snapshot)."""
-    png = store.stored_png(run_id)
+    try:
+        png = latest_alignment_png(store, run_id)
+    except MessageError as error:
+        raise HTTPException(404, detail=f"the newest attention snapshot of run "
+                                        f"{run_id!r} does not decode: {error.reason}"
+                            ) from error
     if png is None:
-        snapshot = store.latest(run_id, AttentionSnapshot)
-        if snapshot is None:
-            raise HTTPException(404, detail=f"no alignment picture for run {run_id!r} yet")
-        try:
-            png = render_snapshot(snapshot, store.latest(run_id, AlignmentReport))
-        except MessageError as error:
-            raise HTTPException(404, detail=f"the newest attention snapshot of run "
-                                            f"{run_id!r} does not decode: {error.reason}"
-                                ) from error
+        raise HTTPException(404, detail=f"no alignment picture for run {run_id!r} yet")
     return PngResponse(png, headers={"Cache-Control": "no-store"})
 
 
@@ -574,12 +405,10 @@ def post_command(run_id: RunIdPath, body: CommandRequest, request: Request, resp
     reason = check_command(command)
     if reason is not None:
         raise _rejection([{"type": OUT_OF_BOUNDS, "loc": ("value",), "msg": reason}])
-    after_id = store.last_id(run_id, Stream.ACKS) if wait_s else "0-0"
-    stream_id = store.publish(command)
+    stream_id, ack = store.submit(command, wait_s)
     get_context(request).metrics.commands_accepted.labels(command.action).inc()
     log.info("command %s for run %s written: %s %s (%s)", command.command_id, run_id,
              command.action, command.value, command.note)
-    ack = store.wait_for_ack(run_id, command.command_id, after_id, wait_s) if wait_s else None
     if ack is not None:
         response.status_code = 200
     return CommandAccepted(command_id=command.command_id, stream_id=stream_id, command=command,
