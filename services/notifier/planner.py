@@ -1,0 +1,173 @@
+"""What to tell people, and when: pure decisions over a run's messages, no I/O.
+
+The feed hands every metrics message, alignment report, tuner action and event of a run to
+``ReportPlanner.observe`` and sends what comes back. The rules:
+
+- a progress report every ``every_steps`` steps or ``every_s`` seconds, whichever is first,
+  with the alignment picture once there is an alignment report;
+- each tuner decision once it has the trainer's ack, and again when its effect is measured;
+  a decision whose ack has not come ``issued_grace_s`` after it was issued is reported as
+  issued, so no decision ever goes unmentioned;
+- every lifecycle and health event except routine healthy checkpoints, with the picture
+  where alignment is the subject.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.core.schemas import (
+    ActionRecord,
+    AlignmentReport,
+    AlignmentScores,
+    Event,
+    Message,
+    MetricsMessage,
+)
+from services.notifier.reports import Language, action_report, event_report, progress_report
+
+# Trigger metrics about alignment (its scores, and the success indicators, which include
+# it): their decisions, red flags and recoveries get the picture.
+ALIGNMENT_METRICS = frozenset(AlignmentScores.model_fields) | {"success_indicators"}
+# Events whose summary is about alignment (the indicators include it).
+PICTURE_EVENTS = frozenset({"indicators_met", "finished", "stopped"})
+MAX_TRACKED_ACTIONS = 200  # per run; the progress report shows the newest few
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One message to send: HTML text, and whether the run's alignment picture goes with it."""
+
+    run_id: str
+    text: str
+    picture: bool = False
+    critical: bool = False
+
+
+@dataclass
+class _RunDigest:
+    """What the planner remembers of one run."""
+
+    metrics: MetricsMessage | None = None
+    report: AlignmentReport | None = None
+    previous_report: AlignmentReport | None = None
+    restarts: int = 0
+    last_report_step: int | None = None
+    last_report_at: float | None = None
+    actions: OrderedDict[str, ActionRecord] = field(default_factory=OrderedDict)
+    # action id -> when its "issued" record arrived, while no later stage has
+    unanswered: dict[str, float] = field(default_factory=dict)
+
+
+class ReportPlanner:
+    """Turns a stream of run messages into the notices a person should get."""
+
+    def __init__(self, language: Language, every_steps: int, every_s: float,
+                 issued_grace_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        if every_steps < 1 or every_s <= 0:
+            raise ValueError("every_steps must be >= 1 and every_s > 0")
+        self.language: Language = language
+        self.every_steps = every_steps
+        self.every_s = every_s
+        self.issued_grace_s = issued_grace_s
+        self.clock = clock
+        self._runs: dict[str, _RunDigest] = {}
+
+    def _digest(self, run_id: str) -> _RunDigest:
+        return self._runs.setdefault(run_id, _RunDigest())
+
+    def actions(self, run_id: str) -> list[ActionRecord]:
+        """The newest stage of each decision seen for ``run_id``, oldest first."""
+        return list(self._digest(run_id).actions.values())
+
+    def observe(self, message: Message) -> list[Notice]:
+        """The notices ``message`` calls for (often none)."""
+        if isinstance(message, MetricsMessage):
+            return self._on_metrics(message)
+        if isinstance(message, AlignmentReport):
+            digest = self._digest(message.run_id)
+            if digest.report is None or message.step >= digest.report.step:
+                digest.previous_report, digest.report = digest.report, message
+            return []
+        if isinstance(message, ActionRecord):
+            return self._on_action(message)
+        if isinstance(message, Event):
+            return self._on_event(message)
+        return []
+
+    def progress(self, run_id: str) -> Notice | None:
+        """The progress report of ``run_id`` now (for /report), or None before any metrics."""
+        digest = self._digest(run_id)
+        if digest.metrics is None:
+            return None
+        text = progress_report(run_id, digest.metrics, digest.report, digest.previous_report,
+                               self.actions(run_id), digest.restarts, self.language)
+        return Notice(run_id, text, picture=digest.report is not None)
+
+    def tick(self) -> list[Notice]:
+        """Decisions still without an ack ``issued_grace_s`` after they were issued."""
+        now = self.clock()
+        notices = []
+        for run_id, digest in self._runs.items():
+            for action_id, issued_at in list(digest.unanswered.items()):
+                if now - issued_at >= self.issued_grace_s:
+                    del digest.unanswered[action_id]
+                    record = digest.actions.get(action_id)
+                    if record is not None and record.stage == "issued":
+                        notices.append(Notice(run_id, action_report(record, self.language)))
+        return notices
+
+    def _on_metrics(self, message: MetricsMessage) -> list[Notice]:
+        digest = self._digest(message.run_id)
+        now = self.clock()
+        if digest.metrics is not None and message.step < digest.metrics.step:
+            # The trainer rolled back or restarted from a checkpoint: count from here.
+            digest.last_report_step = message.step
+        digest.metrics = message
+        if digest.last_report_step is None:
+            digest.last_report_step, digest.last_report_at = message.step, now
+            return []
+        due_by_steps = message.step - digest.last_report_step >= self.every_steps
+        due_by_time = digest.last_report_at is not None and now - digest.last_report_at >= \
+            self.every_s
+        if not (due_by_steps or due_by_time):
+            return []
+        digest.last_report_step, digest.last_report_at = message.step, now
+        notice = self.progress(message.run_id)
+        return [] if notice is None else [notice]
+
+    def _on_action(self, record: ActionRecord) -> list[Notice]:
+        digest = self._digest(record.run_id)
+        known = digest.actions.get(record.action_id)
+        order = ("issued", "acked", "measured")
+        if known is not None and order.index(record.stage) <= order.index(known.stage):
+            return []  # a redelivered or out-of-order stage
+        digest.actions[record.action_id] = record
+        digest.actions.move_to_end(record.action_id)
+        while len(digest.actions) > MAX_TRACKED_ACTIONS:
+            oldest, _ = digest.actions.popitem(last=False)
+            digest.unanswered.pop(oldest, None)
+        if record.stage == "issued":
+            digest.unanswered[record.action_id] = self.clock()
+            return []
+        digest.unanswered.pop(record.action_id, None)
+        picture = record.trigger.metric in ALIGNMENT_METRICS
+        return [Notice(record.run_id, action_report(record, self.language), picture=picture)]
+
+    def _on_event(self, event: Event) -> list[Notice]:
+        digest = self._digest(event.run_id)
+        if event.event == "run_started":
+            restarts = event.data.get("restarts")
+            if isinstance(restarts, int) and restarts >= 0:
+                digest.restarts = restarts
+        if event.event == "checkpoint_saved" and event.data.get("healthy", True) is not False:
+            return []  # routine; an unhealthy checkpoint is worth a word
+        trigger = event.data.get("trigger")
+        metric = trigger.get("metric") if isinstance(trigger, dict) else None
+        picture = event.event in PICTURE_EVENTS or metric in ALIGNMENT_METRICS
+        return [Notice(event.run_id, event_report(event, self.language),
+                       picture=picture and digest.report is not None,
+                       critical=event.severity == "critical")]
