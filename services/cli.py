@@ -17,6 +17,18 @@ trainer_cli.register(app)
 launcher_cli.register(app)
 
 
+@app.command("notifier")
+def notifier() -> None:
+    """Run the Telegram notifier (bot, reports, Alertmanager webhook) until Ctrl-C.
+
+    Configured by the environment: SMART_TUNER_REDIS_URL, SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN,
+    SMART_TUNER_NOTIFIER_CHAT_IDS and the rest of services/notifier/config.py.
+    """
+    from services.notifier.service import main as notifier_main
+
+    notifier_main()
+
+
 def main() -> None:
     """Console-script entry point: settings are validated before any command runs."""
     try:

@@ -8,6 +8,8 @@ import pytest
 
 from services.trainer.config import TrainConfig, preset
 
+pytest_plugins = ["tests.telegram_stand_in"]
+
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -19,8 +21,7 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture
-def small_config() -> TrainConfig:
+def make_small_config() -> TrainConfig:
     """The tiny preset at half width on a 4-utterance validation batch, short warm-up.
 
     Half width keeps each test to a few seconds on 2 cores; the loop's code paths are the
@@ -38,6 +39,12 @@ def small_config() -> TrainConfig:
     cfg.run.checkpoint_every = 5
     cfg.optim.warmup_steps = 2
     return cfg
+
+
+@pytest.fixture
+def small_config() -> TrainConfig:
+    """A fresh ``make_small_config()`` for each test (tests change it freely)."""
+    return make_small_config()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ for a few steps, so the pre-clip norm exceeds 100). The tuner must see it in the
 stream, command a lower learning rate, the trainer must apply and ack it between steps,
 and the actions stream must show the whole trail with the measured effect. Meanwhile every
 attention snapshot gets exactly one alignment report from the worker, and a malformed
-message on the way is dead-lettered without stopping anyone.
+message on the way is dead-lettered without stopping anyone. The notifier watches the same
+run and must tell Telegram (a local stand-in of its Bot API) what the tuner really did.
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ from services.trainer.link import attach
 from services.trainer.training import Trainer
 from services.tuner.config import TunerConfig
 from services.tuner.service import TunerService
+from tests.notifier_harness import RunningNotifier, notifier_settings
+from tests.telegram_stand_in import TelegramStandIn
 
 pytestmark = pytest.mark.slow
 
 SPIKE_START, SPIKE_STEPS, STEPS = 4, 4, 18
+CHAT = 1001
+REPORT_EVERY_STEPS = 6
 # The real rules with windows sized for an 18-step run; alignment rules wait past its end.
 CONFIG = TunerConfig.model_validate({
     "warmup_steps": 1000,
@@ -76,8 +81,12 @@ def worker(redis_url, tmp_path, monkeypatch):
 
 
 def test_red_flag_to_corrective_command_and_measured_effect(
-        small_corpus, small_config, tmp_path, redis_url, run_id, worker):
+        small_corpus, small_config, tmp_path, redis_url, run_id, worker,
+        telegram: TelegramStandIn):
     client = connect(redis_url)
+    notifier = RunningNotifier(notifier_settings(
+        telegram, tmp_path, chat_ids=(CHAT,), language="en",
+        report_every_steps=REPORT_EVERY_STEPS), redis_url, telegram).start()
     small_config.run.eval_every = 5
     trainer = Trainer(small_config, small_corpus, tmp_path / "run", progress=False,
                       cache_dir=small_corpus / ".features", run_id=run_id,
@@ -95,9 +104,11 @@ def test_red_flag_to_corrective_command_and_measured_effect(
         assert link.close()
         _wait_for(lambda: any(r.stage == "measured" for r in
                               _read(client, run_id, Stream.ACTIONS, ActionRecord)))
+        _check_telegram_reports(telegram, run_id)
     finally:
         stop.set()
         loop.join(10)
+        notifier.close()
 
     metrics = _read(client, run_id, Stream.METRICS, MetricsMessage)
     assert [m.step for m in metrics] == list(range(STEPS))
@@ -149,4 +160,33 @@ def test_red_flag_to_corrective_command_and_measured_effect(
     # and the malformed message went to the dead-letter stream with its reason
     dead = [f for _, f in client.xrevrange(DEAD_LETTER_STREAM, count=200)
             if f[b"stream"].decode() == stream_key(run_id, Stream.METRICS)]
-    assert len(dead) == 1 and b"invalid MetricsMessage" in dead[0][b"reason"]
+    # (once per consumer group that read it: the tuner's and the notifier's)
+    assert sorted(f[b"group"].decode() for f in dead) == sorted([f"tuner-{run_id}", "notifier"])
+    assert all(b"invalid MetricsMessage" in f[b"reason"] for f in dead)
+
+
+def _check_telegram_reports(telegram: TelegramStandIn, run_id: str) -> None:
+    """What the notifier told the chat about the run just trained (see the module doc)."""
+    def texts() -> list[str]:
+        return [str(c.params.get("text", "")) for c in telegram.calls("sendMessage", CHAT)
+                if c.status == 200]
+
+    def has(*needles: str) -> bool:
+        return any(all(n in t for n in needles) for t in texts())
+
+    # each stage of the tuner's decision, with its trigger, the change and the ack
+    telegram.wait_for(lambda _: has("Tuner action", "trainer answered", "set_lr",
+                                    "Trainer ack: applied", "e-04"), 60)
+    telegram.wait_for(lambda _: has("Tuner action", "effect measured", "recovered"), 60)
+    # the red flag, as critical
+    telegram.wait_for(lambda _: has("🚨", "RED FLAG", run_id), 60)
+    # a periodic progress report whose actions section lists the real decision
+    # (an early one may show it still awaiting its ack; a later one must show the ack)
+    telegram.wait_for(lambda _: has("Detailed report", "Actions taken",
+                                    "grad_norm: grad_norm", "→ set_lr", "ack: applied"), 60)
+    report = [t for t in texts() if "Detailed report" in t and "ack: applied" in t][-1]
+    actions = report.split("Actions taken", 1)[1]
+    assert "set_lr" in actions and "No actions taken" not in actions
+    # and the run's lifecycle
+    telegram.wait_for(lambda _: has("Training started", run_id) and
+                      has("Training finished", run_id), 60)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from services.core.settings import get_settings
+from services.core.settings import ConfigError, get_settings
 
 
 def up(
@@ -24,7 +25,14 @@ def up(
     inject_fault: Annotated[str | None, typer.Option(help="passed to the trainer")] = None,
 ) -> None:
     """Start Redis (if needed), diagnostics, tuner, control API and a supervised trainer."""
+    from services.launcher.up import notifier_configured
     from services.launcher.up import up as run_up
+
+    try:
+        notifier = notifier_configured(os.environ)
+    except ConfigError as error:
+        typer.echo(f"smart-tuner up: {error}", err=True)
+        raise typer.Exit(code=2) from None
 
     args: list[str] = []
     if max_steps:
@@ -36,7 +44,7 @@ def up(
     run = run_id or re.sub(r"[^A-Za-z0-9_.-]", "-", out.resolve().name).strip("-.") or "run"
     code = run_up(data, out, run, preset=preset, api_port=api_port,
                   worker_concurrency=workers, train_args=args,
-                  redis_url=get_settings().redis_url)
+                  redis_url=get_settings().redis_url, notifier=notifier)
     raise typer.Exit(code=code)
 
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,10 +99,34 @@ def critical_event(redis_url: str, run_id: str, detail: str, data: dict) -> None
     connect(redis_url).xadd(key, encode(event), maxlen=maxlen_for(key), approximate=True)
 
 
+def notifier_configured(env: Mapping[str, str]) -> bool:
+    """Whether to start the notifier: a token is set (in the environment or ``.env``).
+
+    A token that is set but invalid, or a missing chat list, fails here, before anything
+    starts, with the variable named.
+    """
+    from services.notifier.config import ENV_PREFIX, load_notifier_settings
+
+    if not env.get(f"{ENV_PREFIX}TELEGRAM_TOKEN") and not _dotenv_has(f"{ENV_PREFIX}"
+                                                                      "TELEGRAM_TOKEN"):
+        return False
+    load_notifier_settings()
+    return True
+
+
+def _dotenv_has(name: str) -> bool:
+    dotenv = Path(".env")
+    return dotenv.is_file() and any(line.split("=", 1)[0].strip() == name
+                                    for line in dotenv.read_text().splitlines())
+
+
 def up(data: Path, out: Path, run_id: str, preset: str = "tiny", api_port: int = 8000,
        worker_concurrency: int = 1, train_args: Sequence[str] = (),
-       redis_url: str | None = None) -> int:
-    """Run everything until the trainer finishes, gives up, or Ctrl-C; returns its exit code."""
+       redis_url: str | None = None, notifier: bool = False) -> int:
+    """Run everything until the trainer finishes, gives up, or Ctrl-C; returns its exit code.
+
+    ``notifier``: also start the Telegram notifier (check ``notifier_configured`` first).
+    """
     python = sys.executable
     workdir = Path(tempfile.mkdtemp(prefix="smart-tuner-up-"))
     redis = choose_redis(redis_url, workdir)
@@ -114,6 +138,13 @@ def up(data: Path, out: Path, run_id: str, preset: str = "tiny", api_port: int =
             python, "-m", "celery", "-A", "services.diagnostics.celery_app", "worker",
             "--concurrency", str(worker_concurrency), "--loglevel", "WARNING"])
         launcher.spawn("tuner", [python, "-m", "services.tuner.service"])
+        if notifier:
+            # The notifier speaks with the checkpoints of this run's own directory.
+            env.setdefault("SMART_TUNER_NOTIFIER_RUNS_DIR", str(out))
+            launcher.spawn("notifier", [python, "-m", "services.notifier.service"])
+        else:
+            log.info("notifier off: set SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN and "
+                     "SMART_TUNER_NOTIFIER_CHAT_IDS to get Telegram reports")
         launcher.spawn("control API", [
             python, "-m", "uvicorn", "--factory", "services.tuner.api:create_app_from_settings",
             "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"])

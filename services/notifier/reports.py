@@ -22,9 +22,11 @@ from pydantic import ValidationError
 
 from services.core.indicators import ALIGNMENT_INDICATORS, Indicator, evaluate_indicators
 from services.core.schemas import (
+    Ack,
     ActionRecord,
     AlignmentReport,
     AlignmentScores,
+    Command,
     Event,
     MetricsMessage,
     Trigger,
@@ -154,6 +156,58 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "key_rule": "Правило",
         "key_source": "Источник",
         "key_metrics": "Метрики",
+        "status_title": "📋 <b>Статус</b>",
+        "status_event": "🕑 Последнее событие: {event}{step}",
+        "status_restarts": "🔄 Перезапусков: {restarts}",
+        "status_indicators": "🏁 Индикаторы успеха: {met}/{total}",
+        "status_alignment": "🎯 Диагональность: {diagonality} · качество: {quality} (шаг {step})",
+        "actions_title": "🛠️ <b>Последние действия тюнера</b> · <code>{run_id}</code>",
+        "help": "🤖 <b>Smart Tuner</b> — команды (необязательный последний аргумент — id "
+                "запуска; без него берётся самый свежий):\n"
+                "/status — коротко о запуске\n"
+                "/report — подробный отчёт с картинкой выравнивания\n"
+                "/alignment — картинка выравнивания\n"
+                "/sample [текст] — синтез фразы последним чекпойнтом (аудио)\n"
+                "/actions [N] — последние N действий тюнера\n"
+                "/pause, /resume — пауза и продолжение{admin}\n"
+                "/stop — остановить обучение (с подтверждением){admin}\n"
+                "/lr ЗНАЧЕНИЕ — задать learning rate, напр. /lr 1e-4{admin}\n"
+                "/ga ЗНАЧЕНИЕ — вес guided attention, напр. /ga 2{admin}\n"
+                "/rollback — откат к последнему исправному чекпойнту{admin}\n"
+                "/help — эта справка",
+        "help_admin": " (админы)",
+        "refused_chat": "🙅 Извините, этот бот отвечает только в чатах своей команды. "
+                        "Попытка записана.",
+        "refused_admin": "🙅 Извините, эта команда доступна только администраторам. "
+                         "Попытка записана.",
+        "unknown_command": "Не знаю такой команды. Список: /help",
+        "no_runs": "Пока нет ни одного запуска.",
+        "unknown_run": "Запуск <code>{run_id}</code> не найден.",
+        "no_metrics": "У запуска <code>{run_id}</code> пока нет метрик.",
+        "no_picture": "У запуска <code>{run_id}</code> пока нет картинки выравнивания.",
+        "usage": "❗ Использование: {usage}",
+        "usage_lr": "/lr ЗНАЧЕНИЕ [запуск], напр. /lr 1e-4",
+        "usage_ga": "/ga ЗНАЧЕНИЕ [запуск], напр. /ga 2",
+        "usage_actions": "/actions [N] [запуск], N от 1 до {max}",
+        "rejected_value": "❗ Команда не отправлена: {reason}",
+        "sent": "📤 {action}{value} → <code>{run_id}</code>; жду ответа тренера…",
+        "no_ack": "⌛ Тренер не ответил за {seconds} с. Команда записана и будет отброшена, "
+                  "если её не применят до {expires} UTC.",
+        "stop_confirm": "⚠️ Остановить запуск <code>{run_id}</code>? Тренер сохранит "
+                        "чекпойнт и завершится.",
+        "stop_yes": "Да, остановить",
+        "stop_no": "Отмена",
+        "stop_cancelled": "Остановка отменена.",
+        "confirm_expired": "Подтверждение устарело. Отправьте /stop ещё раз.",
+        "confirm_other_user": "Подтвердить может только тот, кто отправил /stop.",
+        "sample_wait": "🎙️ Синтезирую последним чекпойнтом: «{text}»",
+        "sample_caption": "🎙️ <code>{run_id}</code> · шаг {step} · {stopped} · "
+                          "диагональность {diagonality} · качество {quality}",
+        "sample_stopped": "остановился сам",
+        "sample_not_stopped": "не остановился до предела шагов",
+        "no_checkpoint": "❗ Нет ни одного исправного чекпойнта в <code>{path}</code>.",
+        "sample_failed": "❗ Синтез не удался: {reason}",
+        "redis_down": "❗ Нет связи с Redis: {reason}",
     },
     "en": {
         "progress_title": "🤖 <b>Smart Tuner V2 - Detailed report</b>",
@@ -240,6 +294,58 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "key_rule": "Rule",
         "key_source": "Source",
         "key_metrics": "Metrics",
+        "status_title": "📋 <b>Status</b>",
+        "status_event": "🕑 Last event: {event}{step}",
+        "status_restarts": "🔄 Restarts: {restarts}",
+        "status_indicators": "🏁 Success indicators: {met}/{total}",
+        "status_alignment": "🎯 Diagonality: {diagonality} · quality: {quality} (step {step})",
+        "actions_title": "🛠️ <b>Latest tuner actions</b> · <code>{run_id}</code>",
+        "help": "🤖 <b>Smart Tuner</b> commands (an optional last argument names the run; "
+                "without it, the most recent one):\n"
+                "/status — the run in brief\n"
+                "/report — the detailed report with the alignment picture\n"
+                "/alignment — the alignment picture\n"
+                "/sample [text] — speak a sentence with the latest checkpoint (audio)\n"
+                "/actions [N] — the tuner's last N actions\n"
+                "/pause, /resume — pause and resume training{admin}\n"
+                "/stop — stop training (asks to confirm){admin}\n"
+                "/lr VALUE — set the learning rate, e.g. /lr 1e-4{admin}\n"
+                "/ga VALUE — set the guided attention weight, e.g. /ga 2{admin}\n"
+                "/rollback — roll back to the last healthy checkpoint{admin}\n"
+                "/help — this help",
+        "help_admin": " (admins)",
+        "refused_chat": "🙅 Sorry, this bot only answers its team's chats. The attempt has "
+                        "been logged.",
+        "refused_admin": "🙅 Sorry, only admins may use this command. The attempt has been "
+                         "logged.",
+        "unknown_command": "I don't know that command. See /help",
+        "no_runs": "There are no runs yet.",
+        "unknown_run": "No run <code>{run_id}</code>.",
+        "no_metrics": "Run <code>{run_id}</code> has no metrics yet.",
+        "no_picture": "Run <code>{run_id}</code> has no alignment picture yet.",
+        "usage": "❗ Usage: {usage}",
+        "usage_lr": "/lr VALUE [run], e.g. /lr 1e-4",
+        "usage_ga": "/ga VALUE [run], e.g. /ga 2",
+        "usage_actions": "/actions [N] [run], N from 1 to {max}",
+        "rejected_value": "❗ Not sent: {reason}",
+        "sent": "📤 {action}{value} → <code>{run_id}</code>; waiting for the trainer's ack…",
+        "no_ack": "⌛ No ack from the trainer within {seconds} s. The command is written and "
+                  "will be dropped if not applied by {expires} UTC.",
+        "stop_confirm": "⚠️ Stop run <code>{run_id}</code>? The trainer saves a checkpoint "
+                        "and exits.",
+        "stop_yes": "Yes, stop it",
+        "stop_no": "Cancel",
+        "stop_cancelled": "Stop cancelled.",
+        "confirm_expired": "This confirmation has expired. Send /stop again.",
+        "confirm_other_user": "Only the person who sent /stop may confirm it.",
+        "sample_wait": "🎙️ Speaking with the latest checkpoint: “{text}”",
+        "sample_caption": "🎙️ <code>{run_id}</code> · step {step} · {stopped} · "
+                          "diagonality {diagonality} · quality {quality}",
+        "sample_stopped": "stopped on its own",
+        "sample_not_stopped": "did not stop before the step limit",
+        "no_checkpoint": "❗ No healthy checkpoint in <code>{path}</code>.",
+        "sample_failed": "❗ Synthesis failed: {reason}",
+        "redis_down": "❗ Redis unreachable: {reason}",
     },
 }
 
@@ -282,7 +388,8 @@ def format_percent(value: float) -> str:
     return _non_finite(value) or f"{value:.1f}%"
 
 
-def _format_command_value(action: str, value: float | None) -> str:
+def format_command_value(action: str, value: float | None) -> str:
+    """A command's value as its knob is usually written (LR in scientific notation)."""
     if value is None:
         return "?"
     return format_lr(value) if action == "set_lr" else format_number(value)
@@ -348,10 +455,10 @@ def _indicator_lines(words: Mapping[str, str], checks: Sequence[Indicator],
 def _action_line(words: Mapping[str, str], record: ActionRecord) -> str:
     trigger, command, ack, effect = record.trigger, record.command, record.ack, record.effect
     if ack is not None and (ack.before is not None or ack.after is not None):
-        change = (f" {_format_command_value(command.action, ack.before)} → "
-                  f"{_format_command_value(command.action, ack.after)}")
+        change = (f" {format_command_value(command.action, ack.before)} → "
+                  f"{format_command_value(command.action, ack.after)}")
     elif command.value is not None:
-        change = f" → {_format_command_value(command.action, command.value)}"
+        change = f" → {format_command_value(command.action, command.value)}"
     else:
         change = ""
     ack_text = (words["action_ack"].format(status=words[f"status_{ack.status}"])
@@ -426,6 +533,61 @@ def progress_report(run_id: str, metrics: MetricsMessage, report: AlignmentRepor
     return "\n".join(lines)
 
 
+def status_report(run_id: str, metrics: MetricsMessage | None, report: AlignmentReport | None,
+                  last_event: Event | None, restarts: int, language: Language) -> str:
+    """The run in brief (``/status``): step, loss, grad norm, LR, alignment, indicators met,
+    restarts and the last event."""
+    words = MESSAGES[language]
+    lines = [words["status_title"]]
+    if metrics is None:
+        lines.append(words["no_metrics"].format(run_id=escape(run_id)))
+    else:
+        lines.append(words["run_step"].format(run_id=escape(run_id), step=metrics.step))
+        lines.append(words["losses_total"].format(objective=format_number(metrics.objective),
+                                                  loss=format_number(metrics.loss)))
+        lines.append(words["grad_norm"].format(value=format_number(metrics.grad_norm),
+                                               clip=format_number(metrics.clip_threshold)))
+        lines.append(words["lr"].format(lr=format_lr(metrics.lr),
+                                        weight=format_number(metrics.guided_attention_weight)))
+    if report is None:
+        lines.append(words["no_alignment"])
+    else:
+        lines.append(words["status_alignment"].format(
+            diagonality=format_score(report.scores.diagonality),
+            quality=format_percent(report.scores.quality), step=report.step))
+    if metrics is not None:
+        checks = evaluate_indicators(
+            grad_norm=metrics.grad_norm,
+            diagonality=math.nan if report is None else report.scores.diagonality,
+            restarts=restarts, loss=metrics.objective,
+            quality=math.nan if report is None else report.scores.quality)
+        lines.append(words["status_indicators"].format(met=sum(c.met for c in checks),
+                                                       total=len(checks)))
+    lines.append(words["status_restarts"].format(restarts=restarts))
+    if last_event is not None:
+        step = "" if last_event.step is None else words["event_step"].format(
+            step=last_event.step)
+        title = _TAG.sub("", words[f"event_{last_event.event}"])
+        lines.append(words["status_event"].format(event=title, step=step))
+    return "\n".join(lines)
+
+
+def actions_report(run_id: str, records: Sequence[ActionRecord], language: Language) -> str:
+    """The tuner's latest decisions (``/actions``), one line each, oldest first."""
+    words = MESSAGES[language]
+    lines = [words["actions_title"].format(run_id=escape(run_id))]
+    if not records:
+        lines.append(_line(words["no_actions"], 1))
+    lines.extend(_action_line(words, record) for record in records)
+    return "\n".join(lines)
+
+
+def help_text(language: Language, admins_only: bool) -> str:
+    """The ``/help`` text; mutating commands are marked when only admins may use them."""
+    words = MESSAGES[language]
+    return words["help"].format(admin=words["help_admin"] if admins_only else "")
+
+
 # ---------------------------------------------------------------------------- actions
 
 
@@ -434,6 +596,23 @@ def _trigger_line(words: Mapping[str, str], trigger: Trigger) -> str:
         rule=escape(trigger.rule), metric=escape(trigger.metric),
         value=format_number(trigger.value), threshold=format_number(trigger.threshold),
         window=trigger.window)
+
+
+def _ack_lines(words: Mapping[str, str], command: Command, ack: Ack) -> list[str]:
+    change = ""
+    if ack.before is not None or ack.after is not None:
+        change = (f", {format_command_value(command.action, ack.before)} → "
+                  f"{format_command_value(command.action, ack.after)}")
+    lines = [words["ack"].format(status=words[f"status_{ack.status}"], step=ack.step,
+                                 change=change)]
+    if ack.detail:
+        lines.append(words["ack_detail"].format(detail=escape(ack.detail)))
+    return lines
+
+
+def ack_report(command: Command, ack: Ack, language: Language) -> str:
+    """The trainer's answer to a person's command: status, step, before → after, detail."""
+    return "\n".join(_ack_lines(MESSAGES[language], command, ack))
 
 
 def action_report(record: ActionRecord, language: Language) -> str:
@@ -447,7 +626,7 @@ def action_report(record: ActionRecord, language: Language) -> str:
     words = MESSAGES[language]
     command, ack, effect = record.command, record.ack, record.effect
     value = ("" if command.value is None
-             else f" {_format_command_value(command.action, command.value)}")
+             else f" {format_command_value(command.action, command.value)}")
     lines = [
         words["action_title"].format(stage=words[f"stage_{record.stage}"]),
         words["run"].format(run_id=escape(record.run_id)),
@@ -460,14 +639,7 @@ def action_report(record: ActionRecord, language: Language) -> str:
     if ack is None:
         lines.append(words["ack_pending"])
     else:
-        change = ""
-        if ack.before is not None or ack.after is not None:
-            change = (f", {_format_command_value(command.action, ack.before)} → "
-                      f"{_format_command_value(command.action, ack.after)}")
-        lines.append(words["ack"].format(status=words[f"status_{ack.status}"], step=ack.step,
-                                         change=change))
-        if ack.detail:
-            lines.append(words["ack_detail"].format(detail=escape(ack.detail)))
+        lines.extend(_ack_lines(words, command, ack))
     if effect is None:
         lines.append(words["effect_pending"])
     else:

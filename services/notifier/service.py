@@ -1,0 +1,136 @@
+"""The notifier process: the bot's long polling, the run-stream feed and the HTTP side, in
+one event loop, all sending through one outbox.
+
+``python -m services.notifier.service`` (or ``smart-tuner notifier``) runs it until SIGINT
+or SIGTERM. Settings come from the environment (``services.notifier.config``); a missing or
+malformed token stops it before it talks to Telegram, with the variable named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import uvicorn
+from aiogram import Bot, Dispatcher
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.telegram import TelegramAPIServer
+from aiogram.exceptions import TelegramAPIError
+from prometheus_client import CollectorRegistry
+
+from services.core.bus import connect
+from services.core.logging import setup_logging
+from services.core.runstore import RunStore
+from services.core.settings import ConfigError, get_settings
+from services.notifier.bot import BotContext, BotMetrics, bot_commands, build_router
+from services.notifier.config import NotifierSettings, load_notifier_settings
+from services.notifier.delivery import DeliveryMetrics, DeliveryPolicy, Outbox
+from services.notifier.feed import ReportFeed
+from services.notifier.planner import ReportPlanner
+from services.notifier.webhook import WebhookContext, create_app
+
+log = logging.getLogger(__name__)
+
+POLLING_TIMEOUT_S = 10  # getUpdates long poll; also bounds how long a stop may take
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Notifier:
+    """The parts of a running notifier (kept for tests and for shutdown)."""
+
+    bot: Bot
+    outbox: Outbox
+    dispatcher: Dispatcher
+    feed: ReportFeed
+    server: uvicorn.Server
+    registry: CollectorRegistry
+
+
+def build(settings: NotifierSettings, redis_url: str,
+          policy: DeliveryPolicy | None = None) -> Notifier:
+    """Wire the notifier's parts; call from inside the event loop that will run them."""
+    registry = CollectorRegistry()
+    session = AiohttpSession(api=TelegramAPIServer.from_base(settings.telegram_api_url))
+    bot = Bot(settings.telegram_token.get_secret_value(), session=session)
+    outbox = Outbox(bot, policy or DeliveryPolicy(), DeliveryMetrics(registry))
+    client = connect(redis_url)
+    ctx = BotContext(settings, RunStore(client), outbox, BotMetrics(registry))
+    dispatcher = Dispatcher(ctx=ctx)
+    dispatcher.include_router(build_router(ctx))
+    planner = ReportPlanner(settings.language, settings.report_every_steps,
+                            settings.report_every_s)
+    feed = ReportFeed(client, planner, outbox, settings.chat_ids)
+    token = settings.webhook_token.get_secret_value().encode() if settings.webhook_token \
+        else None
+    app = create_app(WebhookContext(outbox, settings.chat_ids, settings.language, registry,
+                                    token))
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level="warning", lifespan="off"))
+    return Notifier(bot, outbox, dispatcher, feed, server, registry)
+
+
+async def run(notifier: Notifier, stop: asyncio.Event, language: str) -> None:
+    """Run every part until ``stop`` is set, then drain the outbox and close."""
+    with contextlib.suppress(TelegramAPIError):  # the menu is a nicety; never fatal
+        await notifier.bot.set_my_commands(bot_commands(language))
+    tasks = [
+        asyncio.create_task(notifier.dispatcher.start_polling(
+            notifier.bot, handle_signals=False, close_bot_session=False,
+            polling_timeout=POLLING_TIMEOUT_S), name="polling"),
+        asyncio.create_task(notifier.feed.run(stop), name="feed"),
+        asyncio.create_task(notifier.server.serve(), name="http"),
+    ]
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopped], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not stopped and task.exception() is not None:
+            log.error("notifier part %s failed: %r", task.get_name(), task.exception())
+    stop.set()
+    with contextlib.suppress(RuntimeError):  # not polling (it failed to start)
+        await notifier.dispatcher.stop_polling()
+    notifier.server.should_exit = True
+    await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+    await notifier.outbox.close(STOP_TIMEOUT_S)
+    await notifier.bot.session.close()
+    failed = [task for task in tasks if task.done() and not task.cancelled()
+              and task.exception() is not None]
+    if failed:
+        raise RuntimeError(f"notifier part {failed[0].get_name()} failed") \
+            from failed[0].exception()
+
+
+async def _main(settings: NotifierSettings, redis_url: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    notifier = build(settings, redis_url)
+    log.info("notifier: %d allowed chat(s), %s admins, language %s, webhook on %s:%d",
+             len(settings.chat_ids), len(settings.admin_ids) or "no", settings.language,
+             settings.host, settings.port)
+    await run(notifier, stop, settings.language)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Start the notifier; exit 2 with the offending setting named when the config is bad."""
+    del argv  # configured by the environment only
+    try:
+        shared = get_settings()
+        setup_logging(shared.log_level)
+        settings = load_notifier_settings()
+        if shared.redis_url is None:
+            raise ConfigError("the notifier needs SMART_TUNER_REDIS_URL")
+    except ConfigError as error:
+        print(f"notifier: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+    asyncio.run(_main(settings, shared.redis_url))
+
+
+if __name__ == "__main__":
+    main()
