@@ -1,0 +1,117 @@
+"""Starting the notifier: refused with the variable named when misconfigured; the launcher
+starts it only when a token is set; /sample finds a run's checkpoints where runs live."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.core.settings import ConfigError
+from services.launcher.up import notifier_configured
+from services.notifier.sample import NoCheckpointError, run_directory, speak
+
+GOOD_TOKEN = "123456789:AAH-abcdefghijklmnopqrstuvwxyz0123456"
+MALFORMED = "123456:this-is-not-a-token"
+
+
+def _start(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SMART_TUNER_")}
+    clean.update(env, SMART_TUNER_REDIS_URL="redis://127.0.0.1:6379/15")
+    return subprocess.run([sys.executable, "-m", "services.notifier.service"], env=clean,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def test_notifier_refuses_to_start_without_a_token(tmp_path: Path) -> None:
+    result = _start({"SMART_TUNER_NOTIFIER_CHAT_IDS": "42"}, tmp_path)
+    assert result.returncode == 2
+    assert "SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN" in result.stderr
+
+
+def test_notifier_refuses_a_malformed_token_without_echoing_it(tmp_path: Path) -> None:
+    result = _start({"SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN": MALFORMED,
+                     "SMART_TUNER_NOTIFIER_CHAT_IDS": "42"}, tmp_path)
+    assert result.returncode == 2
+    assert "SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN" in result.stderr
+    assert "not a Telegram bot token" in result.stderr
+    assert MALFORMED not in result.stderr + result.stdout
+
+
+def test_launcher_starts_the_notifier_only_when_configured(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env here
+    assert notifier_configured({}) is False
+    monkeypatch.setenv("SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN", GOOD_TOKEN)
+    monkeypatch.setenv("SMART_TUNER_NOTIFIER_CHAT_IDS", "42")
+    assert notifier_configured(os.environ) is True
+    monkeypatch.delenv("SMART_TUNER_NOTIFIER_CHAT_IDS")
+    with pytest.raises(ConfigError, match="SMART_TUNER_NOTIFIER_CHAT_IDS"):
+        notifier_configured(os.environ)  # set but incomplete: fail before starting anything
+
+
+def test_run_directory_nested_or_the_run_itself(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "a" / "checkpoints").mkdir(parents=True)
+    assert run_directory(tmp_path / "runs", "a") == tmp_path / "runs" / "a"
+    own = tmp_path / "runs" / "a"  # `up` points the notifier at the run's own folder
+    assert run_directory(own, "other-id") == own
+    with pytest.raises(ValueError, match="invalid run id"):
+        run_directory(tmp_path / "runs", "../etc")
+
+
+def test_sample_without_checkpoints_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(NoCheckpointError):
+        speak(tmp_path, "missing", "hello")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_feed_catches_up_silently_then_reports(telegram, redis_url: str) -> None:
+    """Old messages (a notifier started late) update the planner's memory but send nothing;
+    fresh ones are reported, and every delivery is acked."""
+    import asyncio
+    import time
+
+    from aiogram import Bot
+    from aiogram.client.session.aiohttp import AiohttpSession
+    from aiogram.client.telegram import TelegramAPIServer
+
+    from services.core.bus import Delivery, connect
+    from services.core.schemas import Event
+    from services.notifier.delivery import Outbox
+    from services.notifier.feed import ReportFeed
+    from services.notifier.planner import ReportPlanner
+    from tests.notifier_harness import TEST_POLICY
+    from tests.telegram_stand_in import TEST_TOKEN
+    from tests.test_notifier_reports import RUN, metrics
+
+    old = time.time() - 3600
+    backlog = [Delivery("k", f"{i + 1}-0", metrics(step=i * 10, ts=old)) for i in range(30)]
+    backlog.append(Delivery("k", "40-0", Event(run_id=RUN, event="run_started", ts=old,
+                                               data={"restarts": 1})))
+    fresh = [Delivery("k", f"{100 + i}-0", metrics(step=300 + i * 10)) for i in range(11)]
+    acked: list[str] = []
+
+    async def main() -> tuple[int, int]:
+        session = AiohttpSession(api=TelegramAPIServer.from_base(telegram.base_url))
+        bot = Bot(TEST_TOKEN, session=session)
+        outbox = Outbox(bot, TEST_POLICY)
+        feed = ReportFeed(connect(redis_url), ReportPlanner("en", 100, 3600.0), outbox, (7,),
+                          catch_up_s=300)
+        feed.consumer.ack = lambda delivery: acked.append(delivery.entry_id)  # type: ignore
+        quiet = await feed.handle(backlog)
+        loud = await feed.handle(fresh)
+        await outbox.close()
+        await session.close()
+        return quiet, loud
+
+    quiet, loud = asyncio.run(main())
+    # silent reports were due at steps 100 and 200; fresh ones at 300 and 400
+    assert quiet == 0 and loud == 2
+    first, message = telegram.calls("sendMessage", 7)
+    assert "step 300" in first.params["text"] and "step 400" in message.params["text"]
+    restarts = next(line for line in message.params["text"].split("\n") if "Restarts" in line)
+    assert "1" in restarts  # remembered from the silent backlog
+    assert acked == [d.entry_id for d in backlog + fresh]
