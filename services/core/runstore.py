@@ -118,18 +118,24 @@ class RunStore:
         newest = self.recent(run_id, schema, 1)
         return newest[0] if newest else None
 
-    def summaries(self) -> list[RunSummary]:
-        """Every known run with its last step and last event, in one round trip."""
+    def _newest_entries(self) -> list[tuple[str, list[Any], list[Any]]]:
+        """Each known run with its newest metrics entry and newest event entry (raw), in one
+        round trip."""
         run_ids = self.run_ids()
         pipe = self.client.pipeline(transaction=False)
         for run_id in run_ids:
             pipe.xrevrange(stream_key(run_id, Stream.METRICS), count=1)
             pipe.xrevrange(stream_key(run_id, Stream.EVENTS), count=1)
         replies = pipe.execute()
+        return [(run_id, replies[2 * index], replies[2 * index + 1])
+                for index, run_id in enumerate(run_ids)]
+
+    def summaries(self) -> list[RunSummary]:
+        """Every known run with its last step and last event, in one round trip."""
         summaries = []
-        for index, run_id in enumerate(run_ids):
-            metrics = self._decode(replies[2 * index], MetricsMessage)
-            events = self._decode(replies[2 * index + 1], Event)
+        for run_id, metrics_entries, event_entries in self._newest_entries():
+            metrics = self._decode(metrics_entries, MetricsMessage)
+            events = self._decode(event_entries, Event)
             summaries.append(RunSummary(run_id=run_id,
                                         last_step=metrics[0].step if metrics else None,
                                         last_event=events[0] if events else None))
@@ -141,15 +147,9 @@ class RunStore:
         Stream entry ids start with the writer's Redis time in milliseconds, so they order
         runs by activity without trusting any client's clock.
         """
-        run_ids = self.run_ids()
-        pipe = self.client.pipeline(transaction=False)
-        for run_id in run_ids:
-            pipe.xrevrange(stream_key(run_id, Stream.METRICS), count=1)
-            pipe.xrevrange(stream_key(run_id, Stream.EVENTS), count=1)
-        replies = pipe.execute()
         best: tuple[tuple[int, int], str] | None = None
-        for index, run_id in enumerate(run_ids):
-            for reply in replies[2 * index: 2 * index + 2]:
+        for run_id, *newest in self._newest_entries():
+            for reply in newest:
                 if reply:
                     millis, _, sequence = _text(reply[0][0]).partition("-")
                     key = (int(millis), int(sequence or 0))
