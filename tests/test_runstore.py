@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-
-import redis
+from urllib.parse import urlsplit
 
 from services.core.bus import connect
 from services.core.runstore import RunStore
@@ -24,7 +23,9 @@ PRIVATE_DB = 13  # "the most recent run" is about all runs: no other test may wr
 
 
 def test_most_recent_run_follows_the_newest_entry(redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url, db=PRIVATE_DB)
+    # from_url lets the URL's own db win over a db argument: put ours in the URL
+    client = connect(urlsplit(redis_url)._replace(path=f"/{PRIVATE_DB}").geturl())
+    assert client.connection_pool.connection_kwargs["db"] == PRIVATE_DB
     client.flushdb()
     store = RunStore(client)
     assert store.most_recent_run() is None
