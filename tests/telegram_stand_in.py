@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-TEST_TOKEN = "123456789:AAH-test-token-for-the-stand-in-000000"
+TEST_TOKEN = "12345:FAKE-test-token-for-the-stand-in-not-real"  # never a real one
 
 MESSAGE_LIMIT = 4096  # UTF-16 code units of the text after entity parsing
 CAPTION_LIMIT = 1024

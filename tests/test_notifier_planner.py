@@ -9,9 +9,8 @@ from services.core.settings import ConfigError
 from services.notifier.config import load_notifier_settings
 from services.notifier.planner import ReportPlanner
 from services.notifier.reports import MESSAGES
+from tests.telegram_stand_in import TEST_TOKEN
 from tests.test_notifier_reports import RUN, alignment, metrics, record, scores
-
-GOOD_TOKEN = "123456789:AAH-abcdefghijklmnopqrstuvwxyz0123456"
 
 
 class Clock:
@@ -146,14 +145,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> pytest.MonkeyPatch:
 
 
 def test_settings_from_environment(clean_env: pytest.MonkeyPatch) -> None:
-    clean_env.setenv("SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN", GOOD_TOKEN)
+    clean_env.setenv("SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN", TEST_TOKEN)
     clean_env.setenv("SMART_TUNER_NOTIFIER_CHAT_IDS", "42, -1001234567890")
     clean_env.setenv("SMART_TUNER_NOTIFIER_ADMIN_IDS", "7")
     settings = load_notifier_settings()
     assert settings.chat_ids == (42, -1001234567890)
     assert settings.admin_ids == (7,)
-    assert settings.telegram_token.get_secret_value() == GOOD_TOKEN
-    assert GOOD_TOKEN not in repr(settings)
+    assert settings.telegram_token.get_secret_value() == TEST_TOKEN
+    assert TEST_TOKEN not in repr(settings)
 
 
 def test_missing_token_names_the_variable(clean_env: pytest.MonkeyPatch) -> None:
@@ -176,7 +175,7 @@ def test_malformed_token_is_refused_without_echoing_it(clean_env: pytest.MonkeyP
 
 @pytest.mark.parametrize("chats", ["", "abc", "42,x"])
 def test_bad_chat_list_is_refused(clean_env: pytest.MonkeyPatch, chats: str) -> None:
-    clean_env.setenv("SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN", GOOD_TOKEN)
+    clean_env.setenv("SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN", TEST_TOKEN)
     clean_env.setenv("SMART_TUNER_NOTIFIER_CHAT_IDS", chats)
     with pytest.raises(ConfigError, match="SMART_TUNER_NOTIFIER_CHAT_IDS"):
         load_notifier_settings()

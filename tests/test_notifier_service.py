@@ -13,8 +13,8 @@ import pytest
 from services.core.settings import ConfigError
 from services.launcher.up import notifier_configured
 from services.notifier.sample import NoCheckpointError, run_directory, speak
+from tests.telegram_stand_in import TEST_TOKEN
 
-GOOD_TOKEN = "123456789:AAH-abcdefghijklmnopqrstuvwxyz0123456"
 MALFORMED = "123456:this-is-not-a-token"
 
 
@@ -45,7 +45,7 @@ def test_launcher_starts_the_notifier_only_when_configured(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)  # no .env here
     assert notifier_configured({}) is False
-    monkeypatch.setenv("SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN", GOOD_TOKEN)
+    monkeypatch.setenv("SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN", TEST_TOKEN)
     monkeypatch.setenv("SMART_TUNER_NOTIFIER_CHAT_IDS", "42")
     assert notifier_configured(os.environ) is True
     monkeypatch.delenv("SMART_TUNER_NOTIFIER_CHAT_IDS")
@@ -84,7 +84,6 @@ def test_feed_catches_up_silently_then_reports(telegram, redis_url: str) -> None
     from services.notifier.feed import ReportFeed
     from services.notifier.planner import ReportPlanner
     from tests.notifier_harness import TEST_POLICY
-    from tests.telegram_stand_in import TEST_TOKEN
     from tests.test_notifier_reports import RUN, metrics
 
     old = time.time() - 3600
