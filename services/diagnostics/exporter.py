@@ -30,6 +30,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prometheus_multiprocess
 
+from services.core.metrics import port_from_env
 from services.core.schemas import AlignmentScores
 
 log = logging.getLogger(__name__)
@@ -148,10 +149,4 @@ def start_metrics_server(port: int, addr: str = DEFAULT_ADDR
 
 def metrics_port_from_env() -> int | None:
     """``$SMART_TUNER_DIAGNOSTICS_METRICS_PORT`` as a port number, None when unset."""
-    value = os.environ.get(METRICS_PORT_ENV, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or not 0 < int(value) < 65_536:
-        raise ValueError(f"{METRICS_PORT_ENV} must be a TCP port (1-65535), got {value!r}")
-    return int(value)
-
+    return port_from_env(METRICS_PORT_ENV)

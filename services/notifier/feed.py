@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import redis
 
 from services.core.bus import CONNECTION_ERRORS, Consumer, Delivery
+from services.core.metrics import DeadLetterCounter
 from services.core.runstore import RunStore
 from services.core.schemas import MessageError
 from services.core.streams import Stream, stream_key
@@ -40,7 +41,7 @@ class ReportFeed:
 
     def __init__(self, client: redis.Redis, planner: ReportPlanner, outbox: Outbox,
                  chat_ids: Sequence[int], catch_up_s: float = 300.0, name: str = "notifier-1",
-                 block_ms: int = 1000):
+                 block_ms: int = 1000, dead_letters: DeadLetterCounter | None = None):
         self.client = client
         self.store = RunStore(client)
         self.planner = planner
@@ -49,6 +50,7 @@ class ReportFeed:
         self.catch_up_s = catch_up_s
         self.block_ms = block_ms
         self.consumer = Consumer(client, {}, GROUP, name)
+        self.dead_letters = dead_letters
         self.runs: set[str] = set()
         self.started_at = time.time()
         self.notices_sent = 0
@@ -95,6 +97,8 @@ class ReportFeed:
         for notice in self.planner.tick():
             await self.send(notice)
             sent += 1
+        if self.dead_letters is not None:
+            self.dead_letters.sync(self.consumer.dead_lettered)
         return sent
 
     async def send(self, notice: Notice) -> None:

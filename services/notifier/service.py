@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from services.core.bus import connect
 from services.core.logging import setup_logging
+from services.core.metrics import DeadLetterCounter
 from services.core.runstore import RunStore
 from services.core.settings import ConfigError, get_settings
 from services.notifier.bot import BotContext, BotMetrics, bot_commands, build_router
@@ -65,7 +66,8 @@ def build(settings: NotifierSettings, redis_url: str,
     dispatcher.include_router(build_router(ctx))
     planner = ReportPlanner(settings.language, settings.report_every_steps,
                             settings.report_every_s)
-    feed = ReportFeed(client, planner, outbox, settings.chat_ids)
+    feed = ReportFeed(client, planner, outbox, settings.chat_ids,
+                      dead_letters=DeadLetterCounter(registry, "notifier"))
     token = settings.webhook_token.get_secret_value().encode() if settings.webhook_token \
         else None
     app = create_app(WebhookContext(outbox, settings.chat_ids, settings.language, registry,

@@ -97,6 +97,7 @@ def train(
         from services.trainer.link import attach
 
         link = attach(trainer, settings.redis_url)
+    _serve_metrics(trainer, link)
     try:
         summary = trainer.train(max_steps=max_steps, until_indicators=until_indicators,
                                 max_minutes=max_minutes)
@@ -106,6 +107,25 @@ def train(
     print_summary(summary)
     if not summary["all_indicators_met"]:
         raise typer.Exit(code=2 if until_indicators else 0)
+
+
+def _serve_metrics(trainer, link) -> None:
+    """Prometheus metrics on $SMART_TUNER_TRAINER_METRICS_PORT (rank 0 only; unset: off)."""
+    from services.trainer.exporter import METRICS_PORT_ENV, metrics_port_from_env, serve_metrics
+    from services.trainer.link import process_rank
+
+    try:
+        port = metrics_port_from_env()
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint=METRICS_PORT_ENV) from None
+    if port is None or process_rank() != 0:
+        return
+    bus = None
+    if link is not None:
+        def bus():
+            publisher = link.publisher
+            return publisher.stats, publisher.buffer_size, link.commands.consumer.dead_lettered
+    serve_metrics(trainer, port, bus=bus)
 
 
 def _stop_on_signals(trainer) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.core import bounds as command_bounds
-from services.core import indicators
+from services.core import indicators, plateau
 from services.core.settings import ConfigError
 
 # plan-ru.md 2.1: "diagonality < 0.3 -> CRITICAL: Poor attention alignment". Not a red flag
@@ -77,9 +77,10 @@ class PlateauRule(_Section):
     """Objective not improving for 1000 steps (red flag): lower the LR; at the floor, stop."""
 
     steps: int = Field(indicators.LOSS_PLATEAU_STEPS_RED_FLAG, ge=1)
-    min_rel_improvement: float = Field(0.01, ge=0, lt=1,
+    min_rel_improvement: float = Field(plateau.DEFAULT_MIN_REL_IMPROVEMENT, ge=0, lt=1,
                                        description="a new best must be this much lower")
-    smoothing: int = Field(50, ge=1, description="steps in the moving mean of the objective")
+    smoothing: int = Field(plateau.DEFAULT_SMOOTHING, ge=1,
+                           description="steps in the moving mean of the objective")
     lr_factor: float = Field(0.5, gt=0, lt=1)
     cooldown_steps: int = Field(500, ge=1)
 

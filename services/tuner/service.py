@@ -54,6 +54,7 @@ from services.core.streams import (
     validate_run_id,
 )
 from services.tuner.config import TunerConfig, load_tuner_config
+from services.tuner.exporter import TunerMetrics, metrics_port_from_env, serve
 from services.tuner.policy import (
     Decision,
     Measure,
@@ -116,8 +117,9 @@ class TunerService:
 
     def __init__(self, client: redis.Redis, config: TunerConfig, group: str = DEFAULT_GROUP,
                  consumer: str = DEFAULT_CONSUMER, runs: Iterable[str] | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, metrics: TunerMetrics | None = None):
         self.client = client
+        self.metrics = metrics or TunerMetrics()
         self.config = config
         self.clock = clock
         self.consumer = Consumer(client, {}, group, consumer,
@@ -206,6 +208,7 @@ class TunerService:
             self._last_claim = self.clock()
         handled += self._process(self.consumer.poll(block_ms, service.poll_count))
         self._expire(self.clock())
+        self.metrics.dead_lettered(self.consumer.dead_lettered)
         return handled
 
     def run_forever(self, stop_event: threading.Event, block_ms: int = 1000) -> None:
@@ -356,7 +359,9 @@ class TunerService:
                     window.memory.in_flight.pop(item.marker, None)
                 log.info("run %s: %s was published before, not repeating", run_id,
                          decision.key)
-            elif decision.action is not None:
+                continue
+            self.metrics.decided(run_id, decision.rule, decision.action)
+            if decision.action is not None:
                 assert item.pending is not None
                 self.pending[run_id][item.marker] = item.pending
                 self.commands_issued += 1
@@ -489,8 +494,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    try:
+        port = metrics_port_from_env()
+    except ValueError as error:
+        print(f"tuner: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    metrics = TunerMetrics()
+    if port is not None:
+        serve(metrics, port)
     service = TunerService(connect(settings.redis_url), config, group=args.group,
-                           consumer=args.consumer, runs=args.runs)
+                           consumer=args.consumer, runs=args.runs, metrics=metrics)
     log.info("tuner %s/%s started (config %s)", args.group, args.consumer,
              settings.tuner_config)
     service.run_forever(stop)

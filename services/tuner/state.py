@@ -18,6 +18,7 @@ from collections import deque
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.core.plateau import is_improvement
 from services.core.schemas import Ack, AlignmentReport, Event, MetricsMessage
 from services.tuner.config import TunerConfig
 
@@ -182,9 +183,8 @@ class RunWindow:
         if smoothed is None:
             return
         memory = self.memory
-        threshold = (None if memory.best_objective is None else
-                     memory.best_objective * (1 - self.config.plateau.min_rel_improvement))
-        if threshold is None or smoothed < threshold:
+        if is_improvement(memory.best_objective, smoothed,
+                          self.config.plateau.min_rel_improvement):
             memory.best_objective = smoothed
             memory.best_step = step
 

@@ -1,0 +1,172 @@
+"""Prometheus metrics of a training run, served by the trainer itself (rank 0).
+
+The alert rules read these directly, so a red flag pages someone even when the tuner, the
+bus or the notifier's feed is down. Values are set from the step the loop just took: an
+observer, like the telemetry, that never raises into the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from services.core.bus import PublisherStats
+from services.core.metrics import DeadLetterCounter, port_from_env
+from services.core.plateau import PlateauClock
+from services.trainer.training import EvalResult, StepMetrics, Trainer, TrainingObserver
+
+log = logging.getLogger(__name__)
+
+METRICS_PORT_ENV = "SMART_TUNER_TRAINER_METRICS_PORT"
+DEFAULT_ADDR = "0.0.0.0"  # all interfaces: Prometheus scrapes from another container
+LOSS_PARTS = ("loss", "objective", "mel", "mel_postnet", "gate", "guided_attention")
+# From a fraction of a second (tiny model, GPU) to a minute (base model, CPU).
+STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DEAD_LETTER_CONSUMER = "trainer"  # its commands reader
+
+
+class TrainerMetrics:
+    """The trainer's series, on their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.step = Gauge("smart_tuner_trainer_step", "The optimizer step just taken",
+                          ["run"], registry=r)
+        self.loss = Gauge("smart_tuner_trainer_loss", "Training losses of the step, by part",
+                          ["run", "part"], registry=r)
+        self.grad_norm = Gauge("smart_tuner_trainer_grad_norm",
+                               "Global L2 gradient norm before clipping, unscaled",
+                               ["run"], registry=r)
+        self.clip = Gauge("smart_tuner_trainer_grad_clip_threshold",
+                          "Gradient clipping threshold in force", ["run"], registry=r)
+        self.lr = Gauge("smart_tuner_trainer_learning_rate", "Learning rate of the step",
+                        ["run"], registry=r)
+        self.ga_weight = Gauge("smart_tuner_trainer_guided_attention_weight",
+                               "Guided attention loss weight of the step", ["run"], registry=r)
+        self.step_seconds = Histogram("smart_tuner_trainer_step_duration_seconds",
+                                      "Wall time of one optimizer step", ["run"],
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.nonfinite = Counter("smart_tuner_trainer_nonfinite_steps",
+                                 "Steps skipped for a non-finite loss or gradient", ["run"],
+                                 registry=r)
+        self.restarts = Gauge("smart_tuner_trainer_restarts", "Restarts of the run so far",
+                              ["run"], registry=r)
+        self.consecutive = Gauge("smart_tuner_trainer_consecutive_restarts",
+                                 "Restarts since the last healthy checkpoint", ["run"],
+                                 registry=r)
+        self.since_improved = Gauge("smart_tuner_trainer_steps_since_loss_improved",
+                                    "Steps since the smoothed objective reached a new low",
+                                    ["run"], registry=r)
+        self.paused = Gauge("smart_tuner_trainer_paused", "1 while paused by a command",
+                            ["run"], registry=r)
+        self.buffered = Gauge("smart_tuner_bus_buffered_messages",
+                              "Telemetry waiting in the publisher's buffer", ["run"],
+                              registry=r)
+        self.capacity = Gauge("smart_tuner_bus_buffer_capacity_messages",
+                              "Size of the publisher's buffer", ["run"], registry=r)
+        self.dropped = Counter("smart_tuner_bus_dropped_messages",
+                               "Telemetry dropped because the buffer overflowed", ["run"],
+                               registry=r)
+        self.dead_letters = DeadLetterCounter(r, DEAD_LETTER_CONSUMER)
+
+
+class PrometheusObserver(TrainingObserver):
+    """Sets the trainer's metrics after every step and lifecycle event.
+
+    ``bus`` (optional) returns the publisher's stats, its buffer size and the count of
+    commands the trainer dead-lettered, when the trainer is attached to the bus.
+    """
+
+    def __init__(self, metrics: TrainerMetrics, run_id: str,
+                 bus: Callable[[], tuple[PublisherStats, int, int]] | None = None,
+                 plateau: PlateauClock | None = None):
+        self.metrics = metrics
+        self.run_id = run_id
+        self.bus = bus
+        self.plateau = plateau or PlateauClock()
+        self._skipped = 0
+        self._dropped = 0
+        self._last_step: int | None = None
+        metrics.nonfinite.labels(run_id)  # every series exists from the start, at 0
+        metrics.dropped.labels(run_id)
+        metrics.paused.labels(run_id).set(0)
+
+    def on_step(self, trainer: Trainer, metrics: StepMetrics) -> None:
+        """Everything measured in the step, the run's restarts, the bus's state."""
+        try:
+            self._on_step(trainer, metrics)
+        except Exception:  # metrics must never stop training
+            log.exception("updating the trainer's Prometheus metrics failed")
+
+    def _on_step(self, trainer: Trainer, m: StepMetrics) -> None:
+        run, series = self.run_id, self.metrics
+        if self._last_step is not None and m.step < self._last_step:
+            self.plateau.restart()  # rolled back: the weights are an earlier step's
+        self._last_step = m.step
+        series.step.labels(run).set(m.step)
+        for part in LOSS_PARTS:
+            series.loss.labels(run, part).set(getattr(m, part))
+        series.grad_norm.labels(run).set(m.grad_norm)
+        series.clip.labels(run).set(m.clip_threshold)
+        series.lr.labels(run).set(m.lr)
+        series.ga_weight.labels(run).set(m.guided_attention_weight)
+        if math.isfinite(m.step_seconds):
+            series.step_seconds.labels(run).observe(m.step_seconds)
+        if m.skipped_steps > self._skipped:
+            series.nonfinite.labels(run).inc(m.skipped_steps - self._skipped)
+        self._skipped = max(self._skipped, m.skipped_steps)
+        state = trainer.run_state
+        series.restarts.labels(run).set(state.restarts)
+        series.consecutive.labels(run).set(state.consecutive_restarts)
+        self.plateau.observe(m.step, m.objective)
+        series.since_improved.labels(run).set(self.plateau.steps_since_improved(m.step))
+        if self.bus is not None:
+            stats, capacity, dead = self.bus()
+            series.buffered.labels(run).set(stats.buffered)
+            series.capacity.labels(run).set(capacity)
+            if stats.dropped > self._dropped:
+                series.dropped.labels(run).inc(stats.dropped - self._dropped)
+                self._dropped = stats.dropped
+            series.dead_letters.sync(dead)
+
+    def on_eval(self, trainer: Trainer, result: EvalResult) -> None:
+        """Nothing: alignment scores are the diagnostics worker's metrics."""
+
+    def on_lifecycle(self, trainer: Trainer, event: str, detail: str,
+                     data: dict[str, Any]) -> None:
+        """Paused / resumed, and the restart counts as the run (re)starts."""
+        run = self.run_id
+        if event in ("paused", "resumed"):
+            self.metrics.paused.labels(run).set(1 if event == "paused" else 0)
+        if event == "run_started":
+            state = trainer.run_state
+            self.metrics.restarts.labels(run).set(state.restarts)
+            self.metrics.consecutive.labels(run).set(state.consecutive_restarts)
+            self.metrics.step.labels(run).set(trainer.step)
+
+
+def metrics_port_from_env() -> int | None:
+    """``$SMART_TUNER_TRAINER_METRICS_PORT`` as a port, None when unset; ValueError if bad."""
+    return port_from_env(METRICS_PORT_ENV)
+
+
+def serve_metrics(trainer: Trainer, port: int, addr: str = DEFAULT_ADDR,
+                  bus: Callable[[], tuple[PublisherStats, int, int]] | None = None
+                  ) -> tuple[PrometheusObserver, WSGIServer, threading.Thread]:
+    """Attach a PrometheusObserver to ``trainer`` and serve its registry on ``addr:port``.
+
+    Port 0 picks a free one (``server.server_port`` tells which).
+    """
+    metrics = TrainerMetrics()
+    observer = PrometheusObserver(metrics, trainer.run_state.run_id, bus)
+    trainer.observers.append(observer)
+    server, thread = start_http_server(port, addr=addr, registry=metrics.registry)
+    log.info("trainer metrics on http://%s:%d/metrics", addr, server.server_port)
+    return observer, server, thread

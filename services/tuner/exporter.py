@@ -1,0 +1,48 @@
+"""Prometheus metrics of the tuner service: its decisions by rule, its dead letters."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+from services.core.metrics import DeadLetterCounter, port_from_env
+
+log = logging.getLogger(__name__)
+
+METRICS_PORT_ENV = "SMART_TUNER_TUNER_METRICS_PORT"
+DEFAULT_ADDR = "0.0.0.0"  # all interfaces: Prometheus scrapes from another container
+EVENT_ACTION = "event"  # the `action` label of a decision that is an event, not a command
+DEAD_LETTER_CONSUMER = "tuner"
+
+
+class TunerMetrics:
+    """The tuner's series, on their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.decisions = Counter(
+            "smart_tuner_tuner_decisions", "Decisions published by the tuner, by run, rule "
+            "and action (a command, or 'event' for a red flag or recovery)",
+            ["run", "rule", "action"], registry=self.registry)
+        self.dead_letters = DeadLetterCounter(self.registry, DEAD_LETTER_CONSUMER)
+
+    def decided(self, run_id: str, rule: str, action: str | None) -> None:
+        """Count one published decision."""
+        self.decisions.labels(run_id, rule, action or EVENT_ACTION).inc()
+
+    def dead_lettered(self, total: int) -> None:
+        """Bring the dead-letter counter up to the consumer's running ``total``."""
+        self.dead_letters.sync(total)
+
+
+def metrics_port_from_env() -> int | None:
+    """``$SMART_TUNER_TUNER_METRICS_PORT`` as a port, None when unset; ValueError if bad."""
+    return port_from_env(METRICS_PORT_ENV)
+
+
+def serve(metrics: TunerMetrics, port: int, addr: str = DEFAULT_ADDR) -> int:
+    """Serve ``metrics`` on ``addr:port`` from a daemon thread; returns the bound port."""
+    server, _ = start_http_server(port, addr=addr, registry=metrics.registry)
+    log.info("tuner metrics on http://%s:%d/metrics", addr, server.server_port)
+    return server.server_port
