@@ -4,10 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# espeak-ng speaks the demo corpus; redis-server is the fallback bus when none answers.
+# espeak-ng speaks the demo corpus; redis-server is the fallback bus when none answers;
+# prometheus (promtool), prometheus-alertmanager (amtool) and docker-compose check the
+# deployment's configs in CI.
 missing=()
 command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
 if ((${#missing[@]})); then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq

@@ -9,12 +9,14 @@ import typer
 from services.core.logging import setup_logging
 from services.core.settings import ConfigError, get_settings
 from services.launcher import cli as launcher_cli
+from services.observability import grafana as grafana_cli
 from services.trainer import cli as trainer_cli
 
 app = typer.Typer(help="Smart Tuner: a self-correcting Tacotron2 training system.",
                   no_args_is_help=True, add_completion=False)
 trainer_cli.register(app)
 launcher_cli.register(app)
+grafana_cli.register(app)
 
 
 @app.command("notifier")
