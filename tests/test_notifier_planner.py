@@ -179,3 +179,13 @@ def test_bad_chat_list_is_refused(clean_env: pytest.MonkeyPatch, chats: str) -> 
     clean_env.setenv("SMART_TUNER_NOTIFIER_CHAT_IDS", chats)
     with pytest.raises(ConfigError, match="SMART_TUNER_NOTIFIER_CHAT_IDS"):
         load_notifier_settings()
+
+
+def test_empty_variables_mean_unset(clean_env: pytest.MonkeyPatch) -> None:
+    """`KEY=` lines copied from .env.example leave the default, not an empty value."""
+    clean_env.setenv("SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN", TEST_TOKEN)
+    clean_env.setenv("SMART_TUNER_NOTIFIER_CHAT_IDS", "42")
+    clean_env.setenv("SMART_TUNER_NOTIFIER_ADMIN_IDS", "")
+    clean_env.setenv("SMART_TUNER_NOTIFIER_WEBHOOK_TOKEN", "")
+    settings = load_notifier_settings()
+    assert settings.admin_ids == () and settings.webhook_token is None

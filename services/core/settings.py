@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     """Settings shared by all services."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        env_ignore_empty=True,  # `KEY=` (as in .env.example) means unset, not ""
     )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

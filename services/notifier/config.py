@@ -37,7 +37,9 @@ class NotifierSettings(BaseSettings):
     """Who the bot talks to, what it reports and how often."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore")
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        # `KEY=` (as in .env.example) means unset, not an empty value
+        env_ignore_empty=True)
 
     telegram_token: SecretStr = Field(description="the bot token from @BotFather")
     chat_ids: ChatIds = Field(
