@@ -9,7 +9,6 @@ The same Prometheus then evaluates every PromQL expression of the Grafana dashbo
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
 import time
@@ -22,6 +21,12 @@ import pytest
 import yaml
 
 from services.core.indicators import GRAD_NORM_RED_FLAG
+from services.launcher.observability import (
+    alertmanager_argv,
+    alertmanager_config,
+    prometheus_argv,
+    prometheus_config,
+)
 from services.observability.grafana import (
     dashboard_expressions,
     load_dashboards,
@@ -36,19 +41,9 @@ from tests.telegram_stand_in import TEST_TOKEN, TelegramStandIn
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-RULES = ROOT / "deploy" / "prometheus" / "rules" / "smart-tuner.yml"
-ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 CHAT = 1001
 SPIKE_START, SPIKE_STEPS = 4, 100_000  # the norm stays above 100 until the run is stopped
 READY_TIMEOUT_S = 60.0
-
-
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:  # a failure, not a skip: CI installs them (scripts/setup.sh)
-        pytest.fail(f"{name} is not installed (Debian package); run scripts/setup.sh")
-    return path
 
 
 def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
@@ -106,36 +101,22 @@ def stack(small_corpus: Path, redis_url: str, tmp_path_factory: pytest.TempPathF
     observer.on_step = on_step  # type: ignore[method-assign]
     try:
         # Alertmanager: the project's config, pointed at this notifier.
-        config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
-        for receiver in config["receivers"]:
-            for hook in receiver.get("webhook_configs", []):
-                hook["url"] = f"{notifier.url}/alertmanager"
         am_config = tmp / "alertmanager.yml"
-        am_config.write_text(yaml.safe_dump(config))
+        am_config.write_text(yaml.safe_dump(alertmanager_config(notifier.url)))
         am_port = free_port()
         am_log = tmp / "alertmanager.log"
-        processes.append(_start([
-            _binary("prometheus-alertmanager"), f"--config.file={am_config}",
-            f"--storage.path={tmp / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
-            "--cluster.listen-address="], am_log))
+        processes.append(_start(alertmanager_argv(am_config, tmp / "am-data", am_port),
+                                am_log))
         alertmanager = f"http://127.0.0.1:{am_port}"
         _wait_ready(f"{alertmanager}/-/ready", processes[-1], am_log)
-        # Prometheus: 1 s scrapes and evaluations, the project's rule file.
+        # Prometheus: 1 s scrapes and evaluations, the project's rule files.
         prom_port = free_port()
         prom_config = tmp / "prometheus.yml"
-        prom_config.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)],
-            "alerting": {"alertmanagers": [{"static_configs": [
-                {"targets": [f"127.0.0.1:{am_port}"]}]}]},
-            "scrape_configs": [{"job_name": "trainer", "static_configs": [
-                {"targets": [f"127.0.0.1:{server.server_port}"]}]}],
-        }))
+        prom_config.write_text(yaml.safe_dump(prometheus_config(
+            {"trainer": server.server_port}, am_port, interval="1s")))
         prom_log = tmp / "prometheus.log"
-        processes.append(_start([
-            _binary("prometheus"), f"--config.file={prom_config}",
-            f"--storage.tsdb.path={tmp / 'prom-data'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}"], prom_log))
+        processes.append(_start(prometheus_argv(prom_config, tmp / "prom-data", prom_port),
+                                prom_log))
         prometheus = f"http://127.0.0.1:{prom_port}"
         _wait_ready(f"{prometheus}/-/ready", processes[-1], prom_log)
         training = threading.Thread(target=trainer.train, kwargs={"max_steps": 100_000},

@@ -23,6 +23,9 @@ def up(
     max_steps: Annotated[int | None, typer.Option(help="passed to the trainer")] = None,
     until_indicators: Annotated[bool, typer.Option(help="passed to the trainer")] = False,
     inject_fault: Annotated[str | None, typer.Option(help="passed to the trainer")] = None,
+    observability: Annotated[bool, typer.Option(
+        help="also run Prometheus (alert rules) and Alertmanager; services serve metrics "
+             "on the ports of docs/observability.md")] = False,
 ) -> None:
     """Start Redis (if needed), diagnostics, tuner, control API and a supervised trainer."""
     from services.launcher.up import notifier_configured
@@ -44,7 +47,8 @@ def up(
     run = run_id or re.sub(r"[^A-Za-z0-9_.-]", "-", out.resolve().name).strip("-.") or "run"
     code = run_up(data, out, run, preset=preset, api_port=api_port,
                   worker_concurrency=workers, train_args=args,
-                  redis_url=get_settings().redis_url, notifier=notifier)
+                  redis_url=get_settings().redis_url, notifier=notifier,
+                  observability=observability)
     raise typer.Exit(code=code)
 
 

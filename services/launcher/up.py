@@ -24,6 +24,12 @@ from pathlib import Path
 from services.core.bus import connect
 from services.core.schemas import Event, encode
 from services.core.streams import Stream, maxlen_for, stream_key
+from services.launcher.observability import (
+    LocalPorts,
+    alertmanager_argv,
+    prometheus_argv,
+    write_configs,
+)
 from services.launcher.redis_server import RedisProcess, answers
 from services.launcher.supervisor import RestartPolicy, TrainerSupervisor, stop_process
 
@@ -122,10 +128,13 @@ def _dotenv_has(name: str) -> bool:
 
 def up(data: Path, out: Path, run_id: str, preset: str = "tiny", api_port: int = 8000,
        worker_concurrency: int = 1, train_args: Sequence[str] = (),
-       redis_url: str | None = None, notifier: bool = False) -> int:
+       redis_url: str | None = None, notifier: bool = False,
+       observability: bool = False) -> int:
     """Run everything until the trainer finishes, gives up, or Ctrl-C; returns its exit code.
 
     ``notifier``: also start the Telegram notifier (check ``notifier_configured`` first).
+    ``observability``: every service serves metrics, and Prometheus (the project's alert
+    rules) and Alertmanager (to the notifier) run beside them.
     """
     python = sys.executable
     workdir = Path(tempfile.mkdtemp(prefix="smart-tuner-up-"))
@@ -133,7 +142,19 @@ def up(data: Path, out: Path, run_id: str, preset: str = "tiny", api_port: int =
     env = dict(os.environ, SMART_TUNER_REDIS_URL=redis.url)
     launcher = Launcher(redis, env)
     supervisor: TrainerSupervisor | None = None
+    ports = LocalPorts(api=api_port)
+    if observability:
+        env.update(ports.metrics_env())
+        env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(workdir / "worker-metrics"))
     try:
+        if observability:
+            prometheus_yml, alertmanager_yml = write_configs(workdir, ports, notifier)
+            launcher.spawn("alertmanager", alertmanager_argv(
+                alertmanager_yml, workdir / "alertmanager", ports.alertmanager))
+            launcher.spawn("prometheus", prometheus_argv(
+                prometheus_yml, workdir / "prometheus", ports.prometheus))
+            log.info("Prometheus on http://127.0.0.1:%d, Alertmanager on http://127.0.0.1:%d",
+                     ports.prometheus, ports.alertmanager)
         launcher.spawn("diagnostics worker", [
             python, "-m", "celery", "-A", "services.diagnostics.celery_app", "worker",
             "--concurrency", str(worker_concurrency), "--loglevel", "WARNING"])
