@@ -85,10 +85,12 @@ class Launcher:
     env: dict[str, str]
     children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
-    def spawn(self, name: str, argv: Sequence[str]) -> None:
-        """Start one service process with the shared environment."""
+    def spawn(self, name: str, argv: Sequence[str],
+              extra_env: Mapping[str, str] | None = None) -> None:
+        """Start one service process with the shared environment (plus ``extra_env``)."""
         log.info("starting %s: %s", name, " ".join(argv))
-        self.children.append((name, subprocess.Popen(list(argv), env=self.env)))
+        env = {**self.env, **(extra_env or {})}
+        self.children.append((name, subprocess.Popen(list(argv), env=env)))
 
     def stop_all(self) -> None:
         """SIGTERM in reverse start order, SIGKILL after a grace period."""
@@ -145,7 +147,9 @@ def up(data: Path, out: Path, run_id: str, preset: str = "tiny", api_port: int =
     ports = LocalPorts(api=api_port)
     if observability:
         env.update(ports.metrics_env())
-        env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(workdir / "worker-metrics"))
+    # Only the worker is multi-process; the variable switches prometheus_client's mode for
+    # every process that sees it.
+    worker_env = {"PROMETHEUS_MULTIPROC_DIR": str(workdir / "worker-metrics")}
     try:
         if observability:
             prometheus_yml, alertmanager_yml = write_configs(workdir, ports, notifier)
@@ -157,7 +161,7 @@ def up(data: Path, out: Path, run_id: str, preset: str = "tiny", api_port: int =
                      ports.prometheus, ports.alertmanager)
         launcher.spawn("diagnostics worker", [
             python, "-m", "celery", "-A", "services.diagnostics.celery_app", "worker",
-            "--concurrency", str(worker_concurrency), "--loglevel", "WARNING"])
+            "--concurrency", str(worker_concurrency), "--loglevel", "WARNING"], worker_env)
         launcher.spawn("tuner", [python, "-m", "services.tuner.service"])
         if notifier:
             # The notifier speaks with the checkpoints of this run's own directory.
