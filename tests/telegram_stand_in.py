@@ -412,6 +412,18 @@ class TelegramStandIn:
                  for call in self.calls()]
         return "\n".join(lines) or "(no calls)"
 
+    def _poll(self, predicate: Callable[[list[RecordedCall]], Any], deadline: float,
+              timeout_s: float) -> list[RecordedCall] | None:
+        """The calls if ``predicate`` accepts them now; None to keep waiting; raises past
+        ``deadline``."""
+        recorded = self.calls()
+        if predicate(recorded):
+            return recorded
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no matching Telegram calls within {timeout_s} s; "
+                                 f"recorded:\n{self._summary()}")
+        return None
+
     def wait_for(self, predicate: Callable[[list[RecordedCall]], Any],
                  timeout_s: float = 10.0) -> list[RecordedCall]:
         """Block until ``predicate(calls)`` is truthy; the calls it accepted.
@@ -420,27 +432,17 @@ class TelegramStandIn:
         first. It sleeps the calling thread: inside an event loop use ``wait_for_async``.
         """
         deadline = time.monotonic() + timeout_s
-        while True:
-            recorded = self.calls()
-            if predicate(recorded):
-                return recorded
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"no matching Telegram calls within {timeout_s} s; "
-                                     f"recorded:\n{self._summary()}")
+        while (recorded := self._poll(predicate, deadline, timeout_s)) is None:
             time.sleep(POLL_INTERVAL_S)
+        return recorded
 
     async def wait_for_async(self, predicate: Callable[[list[RecordedCall]], Any],
                              timeout_s: float = 10.0) -> list[RecordedCall]:
         """``wait_for`` for code running in an event loop: it yields to the loop meanwhile."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            recorded = self.calls()
-            if predicate(recorded):
-                return recorded
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"no matching Telegram calls within {timeout_s} s; "
-                                     f"recorded:\n{self._summary()}")
+        while (recorded := self._poll(predicate, deadline, timeout_s)) is None:
             await asyncio.sleep(POLL_INTERVAL_S)
+        return recorded
 
     def clear(self) -> None:
         """Forget the recorded calls (messages, updates and injected failures stay)."""
