@@ -10,6 +10,7 @@ from services.core.logging import setup_logging
 from services.core.settings import ConfigError, get_settings
 from services.launcher import cli as launcher_cli
 from services.observability import grafana as grafana_cli
+from services.observability import mlflow_sink
 from services.trainer import cli as trainer_cli
 
 app = typer.Typer(help="Smart Tuner: a self-correcting Tacotron2 training system.",
@@ -17,6 +18,7 @@ app = typer.Typer(help="Smart Tuner: a self-correcting Tacotron2 training system
 trainer_cli.register(app)
 launcher_cli.register(app)
 grafana_cli.register(app)
+mlflow_sink.register(app)
 
 
 @app.command("notifier")

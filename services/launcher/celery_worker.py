@@ -63,16 +63,19 @@ def _metrics_up(url: str) -> bool:
 
 
 @contextmanager
-def start_worker(redis_url: str, base: Path, concurrency: int = 1) -> Iterator[Worker]:
-    """Start a worker on a fresh queue, wait until it answers, stop it (and its pool) after."""
+def start_worker(redis_url: str, base: Path, concurrency: int = 1, queue: str | None = None,
+                 extra_env: dict[str, str] | None = None) -> Iterator[Worker]:
+    """Start a worker on a fresh queue (or ``queue``), wait until it answers, stop it (and
+    its pool) after."""
     base.mkdir(parents=True, exist_ok=True)
-    queue = f"diagnostics-test-{uuid.uuid4().hex[:10]}"
-    node = f"{queue}@test"
+    queue = queue or f"diagnostics-test-{uuid.uuid4().hex[:10]}"
+    node = f"{queue}-{uuid.uuid4().hex[:6]}@test"
     metrics_dir = base / "prometheus"
     port = _free_port()
     env = {**os.environ, "SMART_TUNER_REDIS_URL": redis_url,
            "SMART_TUNER_DIAGNOSTICS_QUEUE": queue, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-           "SMART_TUNER_DIAGNOSTICS_METRICS_PORT": str(port), "MPLCONFIGDIR": str(base / "mpl")}
+           "SMART_TUNER_DIAGNOSTICS_METRICS_PORT": str(port), "MPLCONFIGDIR": str(base / "mpl"),
+           **(extra_env or {})}
     log_path = base / "worker.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(

@@ -1,0 +1,66 @@
+"""The diagnostics worker killed with SIGKILL (main process and pool) while tasks are in
+flight. Must hold: once a new worker starts, every snapshot has exactly one report.
+
+The killed worker's unacknowledged tasks come back after the broker's visibility timeout
+(``SMART_TUNER_DIAGNOSTICS_VISIBILITY_TIMEOUT_S``, short here); the report is published
+idempotently, so a task that had already published before the kill publishes nothing more.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+
+from services.core.bus import connect
+from services.core.schemas import AlignmentReport, decode
+from services.core.streams import Stream, stream_key
+from services.core.tasks import SCORE_ALIGNMENT
+from services.launcher.celery_worker import start_worker
+from tests.test_diagnostics_worker import add_snapshot, diagonal, sample, snapshot
+
+SNAPSHOTS = 60
+VISIBILITY_S = "5"
+
+
+def _reports(client, run_id: str) -> list[AlignmentReport]:
+    return [decode(f, AlignmentReport)
+            for _, f in client.xrange(stream_key(run_id, Stream.DIAGNOSTICS))]
+
+
+def test_worker_sigkill_with_tasks_in_flight(redis_url, run_id, tmp_path, chaos) -> None:
+    client = connect(redis_url)
+    # big matrices: each task takes long enough to be caught mid-flight
+    snaps = [snapshot(run_id, [sample(diagonal(900, 160)) for _ in range(4)], step=i)
+             for i in range(SNAPSHOTS)]
+    entries = [add_snapshot(client, s) for s in snaps]
+    queue = f"chaos-{uuid.uuid4().hex[:8]}"
+    env = {"SMART_TUNER_DIAGNOSTICS_VISIBILITY_TIMEOUT_S": VISIBILITY_S}
+    # nested: leaving start_worker deletes the queue, which the second worker still needs
+    with start_worker(redis_url, tmp_path / "w1", concurrency=2, queue=queue,
+                      extra_env=env) as first:
+        for entry in entries:
+            first.app.send_task(SCORE_ALIGNMENT, args=[run_id, entry], queue=queue)
+        deadline = time.monotonic() + 60
+        while len(_reports(client, run_id)) < 5:
+            assert time.monotonic() < deadline, first.log_tail()
+            time.sleep(0.05)
+        os.killpg(first.process.pid, signal.SIGKILL)  # the worker's session: pool included
+        first.process.wait(10)
+        at_kill = len(_reports(client, run_id))
+        assert at_kill < SNAPSHOTS, "every task finished before the kill: none in flight"
+        with start_worker(redis_url, tmp_path / "w2", concurrency=2, queue=queue,
+                          extra_env=env) as second:
+            deadline = time.monotonic() + 120
+            while len(_reports(client, run_id)) < SNAPSHOTS:
+                assert time.monotonic() < deadline, (len(_reports(client, run_id)),
+                                                     second.log_tail())
+                time.sleep(0.2)
+            time.sleep(float(VISIBILITY_S) + 3)  # a redelivered duplicate would show now
+    counts = Counter(r.snapshot_id for r in _reports(client, run_id))
+    assert set(counts) == {s.snapshot_id for s in snaps}
+    assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1]
+    chaos("diagnostics worker SIGKILL (tasks in flight)", injected=1, survived=1,
+          lost=SNAPSHOTS - len(counts))
