@@ -21,7 +21,7 @@ from services.core.tasks import SCORE_ALIGNMENT
 from services.launcher.celery_worker import start_worker
 from tests.test_diagnostics_worker import add_snapshot, diagonal, sample, snapshot
 
-SNAPSHOTS = 60
+SNAPSHOTS = 40
 VISIBILITY_S = "5"
 
 
@@ -33,7 +33,7 @@ def _reports(client, run_id: str) -> list[AlignmentReport]:
 def test_worker_sigkill_with_tasks_in_flight(redis_url, run_id, tmp_path, chaos) -> None:
     client = connect(redis_url)
     # big matrices: each task takes long enough to be caught mid-flight
-    snaps = [snapshot(run_id, [sample(diagonal(900, 160)) for _ in range(4)], step=i)
+    snaps = [snapshot(run_id, [sample(diagonal(600, 120)) for _ in range(4)], step=i)
              for i in range(SNAPSHOTS)]
     entries = [add_snapshot(client, s) for s in snaps]
     queue = f"chaos-{uuid.uuid4().hex[:8]}"
