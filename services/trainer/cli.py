@@ -14,6 +14,8 @@ from services.core.settings import get_settings
 
 console = Console()
 
+SIGNAL_ECHO_S = 2.0  # torchrun passes a Ctrl-C on to workers that already got it
+
 
 def corpus(
     out: Annotated[Path, typer.Option(help="folder to write the LJSpeech-layout corpus to")]
@@ -63,9 +65,15 @@ def train(
     telemetry: Annotated[bool, typer.Option(
         help="publish to SMART_TUNER_REDIS_URL and obey commands (when it is set)")] = True,
 ) -> None:
-    """Train Tacotron2; prints a verdict on the plan's five success indicators at the end."""
+    """Train Tacotron2; prints a verdict on the plan's five success indicators at the end.
+
+    Under torchrun (``torchrun --nproc_per_node=N -m services.cli train ...``) every worker
+    runs this with the same options: DDP, one shard of the batches per rank; rank 0 alone
+    writes --out, publishes telemetry, reads commands and serves the metrics port.
+    """
     import torch
 
+    from services.trainer import distributed
     from services.trainer.config import preset as load_preset
     from services.trainer.faults import FaultPlan
     from services.trainer.training import Trainer
@@ -89,22 +97,30 @@ def train(
         fault = FaultPlan.parse(inject_fault) if inject_fault else None
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--inject-fault") from None
-    trainer = Trainer(cfg, data, out, resume=resume, device=settings.device, run_id=run_id,
-                      resume_from=resume_from, fault=fault)
-    _stop_on_signals(trainer)
+    # A no-op without torchrun's environment; under it, joins the process group.
+    placement = distributed.init_from_env(settings.device)
     link = None
-    if telemetry and settings.redis_url:
-        from services.trainer.link import attach
-
-        link = attach(trainer, settings.redis_url)
-    _serve_metrics(trainer, link)
+    finished = False
     try:
+        trainer = Trainer(cfg, data, out, resume=resume, device=settings.device,
+                          run_id=run_id, resume_from=resume_from, fault=fault)
+        _stop_on_signals(trainer, SIGNAL_ECHO_S if placement.distributed else 0.0)
+        if telemetry and settings.redis_url:
+            from services.trainer.link import attach
+
+            link = attach(trainer, settings.redis_url)  # None on ranks other than 0
+        _serve_metrics(trainer, link)
         summary = trainer.train(max_steps=max_steps, until_indicators=until_indicators,
                                 max_minutes=max_minutes)
+        finished = True
     finally:
         if link is not None:
             link.close()
-    print_summary(summary)
+        if placement.distributed:
+            # After a failure the other ranks may never reach a last barrier: leave at once.
+            distributed.cleanup(wait=finished)
+    if placement.is_main:  # every rank has the same summary; one prints it
+        print_summary(summary)
     if not summary["all_indicators_met"]:
         raise typer.Exit(code=2 if until_indicators else 0)
 
@@ -128,13 +144,25 @@ def _serve_metrics(trainer, link) -> None:
     serve_metrics(trainer, port, bus=bus)
 
 
-def _stop_on_signals(trainer) -> None:
-    """SIGINT/SIGTERM: finish the step, checkpoint, exit cleanly; a second one aborts."""
+def _stop_on_signals(trainer, echo_window_s: float = 0.0) -> None:
+    """SIGINT/SIGTERM: finish the step, checkpoint, exit cleanly; a second one aborts.
+
+    Distributed, rank 0's request is the one that counts: every rank stops at the step it
+    broadcasts. A Ctrl-C reaches each worker twice, from the terminal and passed on by
+    torchrun; a signal within ``echo_window_s`` of the first is that echo, not a second one.
+    """
     import signal
+    import time
+
+    first: list[float] = []
 
     def handler(signum: int, frame) -> None:
+        now = time.monotonic()
+        if first and now - first[0] < echo_window_s:
+            return
         if trainer.stop_requested:
             raise KeyboardInterrupt
+        first[:] = [now]
         console.print(f"signal {signum}: stopping after this step (again to abort)")
         trainer.request_stop()
         trainer.paused = False

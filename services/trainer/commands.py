@@ -44,6 +44,11 @@ class CommandHandler:
     blocked read as soon as a command is written) and acks what the trainer has handled.
     The training thread only looks at an in-process inbox, so a slow or dead Redis never
     delays a step, and Redis's coarse timer for blocked reads (up to 100 ms) never either.
+
+    In a distributed run only rank 0 has one (``link.attach``): it alone reads, decides
+    and acks. What an applied command changes reaches the other ranks through the
+    Trainer, which broadcasts rank 0's setter calls, pause and stop between steps, so
+    every rank applies it at the same step and each command is still acked once.
     """
 
     def __init__(self, client: redis.Redis, run_id: str, publisher: Publisher,

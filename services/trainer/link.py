@@ -49,9 +49,9 @@ def score_enqueuer(redis_url: str):
 
 def process_rank() -> int:
     """This process's rank in torch.distributed, 0 when not distributed."""
-    import torch.distributed as dist
+    from services.trainer import distributed
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return distributed.current().rank
 
 
 def attach(trainer: Trainer, redis_url: str, snapshot_every: int | None = None,
@@ -59,7 +59,9 @@ def attach(trainer: Trainer, redis_url: str, snapshot_every: int | None = None,
     """Publish the trainer's telemetry and obey its run's commands stream.
 
     Only rank 0 of a distributed run talks to the bus (None elsewhere): one run, one
-    stream of metrics, one reader of its commands.
+    stream of metrics, one reader of its commands, one ack per command. What the commands
+    change reaches the other ranks through the Trainer, which broadcasts rank 0's setter
+    calls, pause and stop between steps.
     """
     rank = process_rank()
     if rank != 0:

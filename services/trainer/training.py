@@ -4,10 +4,17 @@ The loop knows nothing of Redis or the other services. Observers receive every s
 evaluation and checkpoint (telemetry plugs in there), and the run-time setters
 (``set_lr``, ``set_guided_attention_weight``, ``set_grad_clip``, ``rollback``...) are what
 corrective commands call; every applied override is recorded and survives a resume.
+
+Under torchrun (services.trainer.distributed) the model is wrapped in DDP and each rank
+trains on its shard of the batches. Rank 0 alone evaluates, writes the run folder and
+hears commands; between steps it broadcasts what its setters did, its pause and its stop
+to the other ranks, which replay them through the same setters, so every rank changes the
+same thing at the same step and the ranks never diverge.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -27,6 +34,7 @@ from services.core import indicators
 from services.core.streams import validate_run_id
 from services.diagnostics.metrics import alignment_scores
 from services.diagnostics.plots import plot_alignment
+from services.trainer import distributed
 from services.trainer import text as text_frontend
 from services.trainer.checkpoints import (
     CheckpointInfo,
@@ -129,6 +137,26 @@ class TrainingController(Protocol):
     def before_step(self, trainer: Trainer) -> None: ...
 
 
+@dataclass
+class SetterCall:
+    """One run-time setter call on rank 0, for the other ranks to replay at the same step."""
+
+    action: str  # set_lr, set_guided_attention_weight, set_grad_clip or rollback
+    value: float | None
+    source: str
+    checkpoint: LoadedCheckpoint | None = None  # rollback: the state rank 0 restored
+
+
+@dataclass
+class ControlState:
+    """What rank 0 broadcasts between steps; every rank's loop acts on it alone."""
+
+    calls: list[SetterCall] = field(default_factory=list)
+    paused: bool = False
+    stop: bool = False
+    stop_reason: str = "stop_requested"
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU."""
     if name == "auto":
@@ -152,17 +180,24 @@ class Trainer:
         self.cfg = cfg
         self.data_dir = Path(data_dir)
         self.run_dir = Path(run_dir)
+        # Placement in a torch.distributed run (services.trainer.distributed); SINGLE alone.
+        self.dist = distributed.current()
+        self.is_main = self.dist.is_main
         self.device = resolve_device(device)
-        self.progress = progress
+        if self.dist.distributed and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per rank
+        self.progress = progress and self.is_main
         self.observers: list[TrainingObserver] = list(observers or [])
         self.controllers: list[TrainingController] = list(controllers or [])
         self.fault = fault
         self.paused = False
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:  # the run folder is rank 0's alone
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.model.n_symbols = text_frontend.N_SYMBOLS
 
         self._set_seed(cfg.run.seed)
-        self._prepare_data(cache_dir or self.data_dir / ".features")
+        distributed.in_turns(self.dist,
+                             lambda: self._prepare_data(cache_dir or self.data_dir / ".features"))
         self.model = Tacotron2(cfg.model, cfg.audio.n_mels).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.lr = LearningRate(self.optimizer, cfg.optim)
@@ -171,7 +206,20 @@ class Trainer:
         amp = cfg.optim.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp)
         self.amp = amp
-        self.checkpoints = CheckpointManager(self.run_dir / CHECKPOINT_DIR, cfg.run.keep_last)
+        # Only rank 0 writes checkpoints; the others get what it loads by broadcast.
+        self.checkpoints: CheckpointManager | None = (
+            CheckpointManager(self.run_dir / CHECKPOINT_DIR, cfg.run.keep_last)
+            if self.is_main else None)
+        # The module the training step runs: DDP around the model when distributed (it
+        # all-reduces the gradients); evaluation and checkpoints use the bare model.
+        self._ddp = self._wrap_ddp() if self.dist.distributed else None
+        self._train_module: torch.nn.Module = self._ddp if self._ddp is not None else self.model
+        # Distributed only: rank 0's setter calls since the last broadcast, and the control
+        # state every rank's loop acts on (None in a single process: live attributes rule).
+        self._setter_calls: list[SetterCall] | None = \
+            [] if self.dist.distributed and self.is_main else None
+        self._agreed: ControlState | None = ControlState() if self.dist.distributed else None
+        self._stop_reason = "stop_requested"
 
         self.step = 0
         self.epoch = 0
@@ -185,22 +233,44 @@ class Trainer:
         self._max_norm_since_checkpoint = 0.0
         self._stop_requested = False
 
-        self.run_state = self._open_run_state(resume, run_id)
-        if resume:
-            if resume_from not in ("latest", "last_good"):
-                raise ValueError("resume_from must be 'latest' or 'last_good'")
-            loaded = (self.checkpoints.latest() if resume_from == "latest"
-                      else self.checkpoints.last_good() or self.checkpoints.latest())
-            if loaded is None:
-                log.warning("--resume: no valid checkpoint in %s; starting from step 0",
-                            self.checkpoints.directory)
-            else:
-                self._restore(loaded)
-        (self.run_dir / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
+        if resume and resume_from not in ("latest", "last_good"):
+            raise ValueError("resume_from must be 'latest' or 'last_good'")
+        state = self._open_run_state(resume, run_id) if self.is_main else None
+        loaded = self._find_resume_checkpoint(resume_from) if resume and self.is_main else None
+        if self.dist.distributed:
+            # Every rank takes rank 0's run identity and resumes from the same state.
+            state, loaded = distributed.broadcast_object((state, loaded))
+        assert state is not None
+        self.run_state = state
+        if loaded is not None:
+            self._restore(loaded)
+        else:
+            self._fork_rng()
+        if self.is_main:
+            (self.run_dir / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
         log.info("model: %s parameters, device %s, run %s", f"{count_parameters(self.model):,}",
                  self.device, self.run_state.run_id)
 
     # ---------------------------------------------------------------- set-up
+
+    def _wrap_ddp(self) -> torch.nn.parallel.DistributedDataParallel:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # The buffers are copied from rank 0 after each step (distributed.broadcast_buffers),
+        # so they are equal between steps too; DDP's own copy before each forward is off.
+        # Its flag was renamed in torch 2.13; the old one still works, with a warning.
+        params = inspect.signature(DistributedDataParallel).parameters
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
+                          else {"broadcast_buffers": False})
+        return DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            **no_buffer_sync)
+
+    def _fork_rng(self) -> None:
+        """Ranks other than 0 draw their own dropout masks, from a seed fixed by the step."""
+        if self.dist.distributed and not self.is_main:
+            torch.manual_seed(distributed.rank_seed(self.cfg.run.seed, self.dist.rank,
+                                                    self.step))
 
     @staticmethod
     def _set_seed(seed: int) -> None:
@@ -216,7 +286,7 @@ class Trainer:
             raise ValueError(f"{self.data_dir}: {len(utterances)} utterances; need more than "
                              f"val_size={self.cfg.run.val_size}")
         self.store = prepare_features(utterances, self.cfg.audio, cache_dir,
-                                      progress=self.progress)
+                                      progress=self.progress)  # rank 0 first: in_turns
         train, val = split_train_val(utterances, self.cfg.run.val_size, self.cfg.run.seed)
         # Each text is normalised once, by the datasets; the characters it loses are
         # collected on the way and reported together.
@@ -254,6 +324,8 @@ class Trainer:
         return state
 
     def _write_run_state(self, state: RunState | None = None) -> None:
+        if not self.is_main:
+            return
         path = self.run_dir / RUN_STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(state or self.run_state), indent=2))
@@ -299,7 +371,17 @@ class Trainer:
         self.recent_norms.clear()
         self.recent_norms.extend(state.get("recent_norms", []))
         restore_rng_state(state["rng"])
+        self._fork_rng()  # rank 0 continues the saved stream, the others fork their own
         log.info("resumed from %s at step %d", loaded.info.file, self.step)
+
+    def _find_resume_checkpoint(self, resume_from: str) -> LoadedCheckpoint | None:
+        assert self.checkpoints is not None
+        loaded = (self.checkpoints.latest() if resume_from == "latest"
+                  else self.checkpoints.last_good() or self.checkpoints.latest())
+        if loaded is None:
+            log.warning("--resume: no valid checkpoint in %s; starting from step 0",
+                        self.checkpoints.directory)
+        return loaded
 
     def _healthy(self) -> bool:
         """Whether the state about to be saved may serve as the rollback target."""
@@ -314,7 +396,13 @@ class Trainer:
         return not (self.run_state.aligned_once and result.scores["diagonality"] < 0.3)
 
     def save_checkpoint(self) -> CheckpointInfo:
-        """Save now (atomic); also writes the validation alignment plot for this step."""
+        """Save now (atomic); also writes the validation alignment plot for this step.
+
+        Rank 0's job in a distributed run: every rank holds the same state, and one writer
+        keeps the checkpoint directory consistent.
+        """
+        if self.checkpoints is None:
+            raise RuntimeError(f"rank {self.dist.rank} does not write checkpoints; rank 0 does")
         if self.last_eval is None or self.last_eval.step != self.step:
             self.evaluate()
         metrics = dict(self.last_eval.losses) | dict(self.last_eval.scores)
@@ -348,11 +436,31 @@ class Trainer:
         self.overrides.append({"step": self.step, "kind": kind, "before": before,
                                "after": after, "source": source, "time": _utc_now()})
 
+    def _share(self, call: SetterCall) -> None:
+        """Distributed, rank 0: queue a setter call for the other ranks to replay."""
+        if self._setter_calls is not None:
+            self._setter_calls.append(call)
+
+    def _replay(self, call: SetterCall) -> None:
+        """Other ranks: make rank 0's setter call here, through the same setter."""
+        match call.action:
+            case "set_lr":
+                self.set_lr(call.value, call.source)
+            case "set_guided_attention_weight":
+                self.set_guided_attention_weight(call.value, call.source)
+            case "set_grad_clip":
+                self.set_grad_clip(call.value, call.source)
+            case "rollback":
+                self.rollback(call.source, checkpoint=call.checkpoint)
+            case _:  # pragma: no cover - both ends run the same code
+                raise ValueError(f"unknown setter call {call.action!r}")
+
     def set_lr(self, value: float, source: str = "api") -> tuple[float, float]:
         """Set the learning rate now; returns (before, after)."""
         before = self.lr.value(self.step)
         self.lr.set(value, self.step)
         self._record_override("set_lr", before, value, source)
+        self._share(SetterCall("set_lr", value, source))
         return before, value
 
     def set_guided_attention_weight(self, value: float, source: str = "api"
@@ -361,6 +469,7 @@ class Trainer:
         before = self.ga_weight(self.step)
         self.ga_weight.set(value, self.step)
         self._record_override("set_guided_attention_weight", before, value, source)
+        self._share(SetterCall("set_guided_attention_weight", value, source))
         return before, value
 
     def set_grad_clip(self, value: float, source: str = "api") -> tuple[float, float]:
@@ -368,16 +477,21 @@ class Trainer:
         before = self.clipper.threshold
         self.clipper.set_threshold(value)
         self._record_override("set_grad_clip", before, value, source)
+        self._share(SetterCall("set_grad_clip", value, source))
         return before, value
 
-    def rollback(self, source: str = "api") -> CheckpointInfo | None:
+    def rollback(self, source: str = "api", checkpoint: LoadedCheckpoint | None = None
+                 ) -> CheckpointInfo | None:
         """Restore the weights and data position of the last good checkpoint.
 
         The run-time settings (LR, guided attention weight, clip threshold) and the
         history (overrides, skipped-step count) stay as they are now: a rollback is usually
-        paired with a corrective setting, which must not be undone by it.
+        paired with a corrective setting, which must not be undone by it. ``checkpoint``
+        restores that one instead: how the other ranks follow rank 0's rollback.
         """
-        loaded = self.checkpoints.last_good()
+        loaded = checkpoint
+        if loaded is None and self.checkpoints is not None:
+            loaded = self.checkpoints.last_good()
         if loaded is None:
             return None
         kept = (list(self.overrides), self.skipped_steps, self.step, self.lr.state_dict(),
@@ -390,6 +504,7 @@ class Trainer:
         self.clipper.threshold = threshold
         self._record_override("rollback", float(step), float(self.step), source)
         self._skips_since_checkpoint = 0
+        self._share(SetterCall("rollback", None, source, loaded))
         return loaded.info
 
     @property
@@ -398,15 +513,21 @@ class Trainer:
         return self._stop_requested
 
     def request_stop(self) -> None:
-        """Stop cleanly after the current step (a checkpoint is written)."""
+        """Stop cleanly after the current step (a checkpoint is written).
+
+        Distributed, only rank 0's request counts: it reaches every rank with the next
+        broadcast (torchrun passes a signal to every worker, so rank 0 gets it too).
+        """
         self._stop_requested = True
 
     # ---------------------------------------------------------------- steps
 
     def _forward(self, batch: Batch) -> tuple[TacotronOutput, LossTerms]:
+        # A training step goes through DDP when distributed (it all-reduces the gradients);
+        # evaluation, rank 0's alone, must not wait for the other ranks: the bare model.
+        module = self._train_module if self.model.training else self.model
         with torch.autocast(self.device.type, enabled=self.amp):
-            output = self.model(batch.text, batch.input_lengths, batch.mel,
-                                batch.output_lengths)
+            output = module(batch.text, batch.input_lengths, batch.mel, batch.output_lengths)
             terms = tacotron_loss(
                 output, batch.mel, batch.gate, batch.input_lengths,
                 self.cfg.model.n_frames_per_step, self.cfg.optim.gate_positive_weight,
@@ -419,6 +540,11 @@ class Trainer:
         A skipped step leaves no trace in the model: BatchNorm running statistics, which
         the forward pass updates, are put back as they were, so NaN activations cannot
         poison them.
+
+        Distributed, every rank steps on its own batch; the losses reported are the mean
+        over the ranks, a non-finite loss on any rank skips the step on all of them, and
+        the gradients (hence the pre-clip norm) are DDP's all-reduced ones, so every rank
+        takes the same decision and the same update.
         """
         started = time.perf_counter()
         self.model.train()
@@ -430,7 +556,12 @@ class Trainer:
         terms.total = inject(self.fault, self.step, terms.total, output.mel)
         norm = math.nan
         threshold = self.clipper.current_threshold()
-        loss_finite = bool(torch.isfinite(terms.total))
+        if self._ddp is None:
+            mean_losses = None
+            loss_finite = bool(torch.isfinite(terms.total))
+        else:
+            mean_losses = self._mean_losses(terms)
+            loss_finite = math.isfinite(mean_losses["loss"])
         finite = loss_finite
         if loss_finite:
             self.scaler.scale(terms.total).backward()
@@ -452,7 +583,9 @@ class Trainer:
         else:
             self.recent_norms.append(norm)
             self._max_norm_since_checkpoint = max(self._max_norm_since_checkpoint, norm)
-        losses = terms.as_floats()
+        if self._ddp is not None:
+            distributed.broadcast_buffers(self.model)
+        losses = terms.as_floats() if mean_losses is None else mean_losses
         metrics = StepMetrics(
             step=self.step, loss=losses["loss"], mel=losses["mel"],
             mel_postnet=losses["mel_postnet"], gate=losses["gate"],
@@ -463,6 +596,19 @@ class Trainer:
         self.last_step_seconds = metrics.step_seconds
         self.step += 1
         return metrics
+
+    def _mean_losses(self, terms: LossTerms) -> dict[str, float]:
+        """The loss terms averaged over the ranks: one all-reduce, the same on every rank.
+
+        A term that is not finite on one rank is not finite in the mean, so every rank
+        sees the same verdict on the loss.
+        """
+        parts = (terms.total, terms.mel, terms.mel_postnet, terms.gate,
+                 terms.guided_attention)
+        summed = distributed.all_reduce_sum(torch.stack([p.detach().float() for p in parts]))
+        loss, mel, mel_postnet, gate, guided = (summed / self.dist.world_size).tolist()
+        return {"loss": loss, "mel": mel, "mel_postnet": mel_postnet, "gate": gate,
+                "guided_attention": guided, "objective": mel + mel_postnet + gate}
 
     @torch.no_grad()
     def evaluate(self) -> EvalResult:
@@ -488,14 +634,23 @@ class Trainer:
         return result
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.is_main:  # metrics.jsonl is rank 0's
+            return
         with (self.run_dir / METRICS_FILE).open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _batches(self):
-        """Endless batches; resumes inside an epoch exactly where the checkpoint left off."""
+        """Endless batches; resumes inside an epoch exactly where the checkpoint left off.
+
+        Distributed, each rank reads its own shard of every epoch's batches: the same
+        number of batches on every rank, disjoint, together the whole epoch.
+        """
         while True:
             self.sampler.set_epoch(self.epoch)
             batches = list(self.sampler)
+            if self.dist.distributed:
+                batches = distributed.shard_batches(batches, self.dist.rank,
+                                                    self.dist.world_size)
             while self.batch_in_epoch < len(batches):
                 indices = batches[self.batch_in_epoch]
                 self.batch_in_epoch += 1
@@ -524,6 +679,9 @@ class Trainer:
 
     def _control(self) -> None:
         """Let the controllers act between steps; while paused, keep polling them."""
+        if self._agreed is not None:
+            self._control_in_lockstep()
+            return
         for controller in self.controllers:
             controller.before_step(self)
         if self.paused:
@@ -535,9 +693,59 @@ class Trainer:
             if not self._stop_requested:
                 self._lifecycle("resumed", f"resumed at step {self.step}")
 
+    def _control_in_lockstep(self) -> None:
+        """``_control`` of a distributed run: every poll ends in rank 0's broadcast.
+
+        The loop reads only the broadcast state, never the live ``paused`` and stop flags,
+        which a signal handler may change between the broadcast and the check on one rank
+        but not on the others.
+        """
+        agreed = self._exchange_control()
+        if agreed.paused and not agreed.stop:
+            self._lifecycle("paused", f"paused at step {self.step}")
+            while agreed.paused and not agreed.stop:
+                time.sleep(PAUSE_POLL_S)  # every rank waits in the broadcast meanwhile
+                agreed = self._exchange_control()
+            if not agreed.stop:
+                self._lifecycle("resumed", f"resumed at step {self.step}")
+
+    def _exchange_control(self) -> ControlState:
+        """Poll the controllers (rank 0), broadcast the outcome, replay it (other ranks).
+
+        Only rank 0's controllers run: it alone hears commands, and whatever they change
+        reaches the others as setter calls, so no rank changes anything on its own.
+        """
+        if self.is_main:
+            for controller in self.controllers:
+                controller.before_step(self)
+            assert self._setter_calls is not None
+            state: ControlState | None = ControlState(
+                calls=self._setter_calls, paused=self.paused, stop=self._stop_requested,
+                stop_reason=self._stop_reason)
+            self._setter_calls = []
+        else:
+            state = None
+        state = distributed.broadcast_object(state)
+        assert state is not None
+        if not self.is_main:
+            for call in state.calls:
+                self._replay(call)
+            self.paused = state.paused
+            self._stop_requested = self._stop_requested or state.stop
+        self._agreed = state
+        return state
+
+    def _stopping(self) -> bool:
+        """Whether the loop stops before the next step (every rank agrees when distributed)."""
+        return self._stop_requested if self._agreed is None else self._agreed.stop
+
     def train(self, max_steps: int | None = None, until_indicators: bool = False,
               max_minutes: float | None = None) -> dict[str, Any]:
-        """Train to ``max_steps`` (or until the indicators are met); returns the summary."""
+        """Train to ``max_steps`` (or until the indicators are met); returns the summary.
+
+        Distributed, every rank calls it and gets rank 0's summary; rank 0 alone evaluates,
+        checkpoints and decides when to stop, and the others stop at the same step.
+        """
         max_steps = max_steps or self.cfg.run.max_steps
         started = time.perf_counter()
         deadline = started + max_minutes * 60 if max_minutes else math.inf
@@ -554,13 +762,15 @@ class Trainer:
         try:
             while self.step < max_steps:
                 self._control()
-                if self._stop_requested:
-                    stop_reason = "stop_requested"
+                if self._stopping():
+                    stop_reason = self._agreed.stop_reason if self._agreed else "stop_requested"
                     break
                 metrics = self.train_step(next(batches))
                 self._log_metrics({"kind": "step", **asdict(metrics)})
                 for observer in self.observers:
                     observer.on_step(self, metrics)
+                if not self.is_main:
+                    continue  # evaluation, checkpoints and the decision to stop are rank 0's
                 if self.step % self.cfg.run.eval_every == 0:
                     self.evaluate()
                     checks = self.indicators()
@@ -575,13 +785,32 @@ class Trainer:
                 bar.n = self.step  # a rollback moves the step back
                 bar.set_postfix(self._postfix(metrics), refresh=False)
                 bar.update(0)
-                if stop_reason == "indicators_met":
-                    break
-                if time.perf_counter() > deadline:
+                if stop_reason != "indicators_met" and time.perf_counter() > deadline:
                     stop_reason = "time_limit"
-                    break
+                if stop_reason in ("indicators_met", "time_limit"):
+                    if self._agreed is None:
+                        break
+                    # The other ranks stop with rank 0 at the next broadcast, before a step.
+                    self._stop_reason = stop_reason
+                    self._stop_requested = True
         finally:
             bar.close()
+        if self.is_main:
+            summary: dict[str, Any] | None = self._finish(stop_reason, started, met_at)
+        else:
+            summary = None
+        if self.dist.distributed:
+            summary = distributed.broadcast_object(summary)
+        assert summary is not None
+        stop_reason = summary["stop_reason"]  # rank 0's, on every rank
+        self._lifecycle("stopped" if stop_reason == "stop_requested" else "finished",
+                        f"{stop_reason} at step {self.step}", summary=summary)
+        return summary
+
+    def _finish(self, stop_reason: str, started: float, met_at: dict[str, Any] | None
+                ) -> dict[str, Any]:
+        """Rank 0 at the end of ``train``: last checkpoint, clean exit, summary file."""
+        assert self.checkpoints is not None
         entries = self.checkpoints.entries()
         if not entries or entries[-1].step != self.step:  # the loop may have just saved it
             self.save_checkpoint()
@@ -590,8 +819,6 @@ class Trainer:
         self._write_run_state()
         summary = self.summary(stop_reason, time.perf_counter() - started, met_at)
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        self._lifecycle("stopped" if stop_reason == "stop_requested" else "finished",
-                        f"{stop_reason} at step {self.step}", summary=summary)
         return summary
 
     def _postfix(self, metrics: StepMetrics) -> dict[str, str]:
