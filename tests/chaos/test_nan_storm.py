@@ -1,0 +1,72 @@
+"""A storm of non-finite gradients in a real run with the tuner watching it.
+
+Must hold: the poisoned steps are skipped (weights untouched), the tuner rolls the run back
+to its last good checkpoint, and the run goes on and later meets the plan's five success
+indicators. The tiny preset on the demo corpus (the README's demo, which meets them at
+about step 150); this is the suite's longest test, about 3-4 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from services.core.bus import connect
+from services.core.schemas import Ack, Command, decode
+from services.core.streams import Stream, stream_key
+from services.trainer.config import preset
+from services.trainer.corpus import build_demo_corpus
+from services.trainer.faults import FaultPlan
+from services.trainer.link import attach
+from services.trainer.training import Trainer
+from services.tuner.config import load_tuner_config
+from services.tuner.service import TunerService
+
+ROOT = Path(__file__).resolve().parents[2]
+STORM_START, STORM_STEPS = 45, 12
+CHECKPOINT_EVERY = 20  # a healthy checkpoint (step 40) exists before the storm
+MAX_STEPS = 450
+
+
+@pytest.fixture(scope="module")
+def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README demo's corpus (600 espeak-ng utterances, about 11 s to speak)."""
+    out = tmp_path_factory.mktemp("demo-corpus")
+    build_demo_corpus(out, progress=False)
+    return out
+
+
+def test_nan_storm_rolls_back_and_the_run_still_succeeds(demo_corpus, tmp_path, redis_url,
+                                                         run_id, chaos) -> None:
+    cfg = preset("tiny")
+    cfg.run.checkpoint_every = CHECKPOINT_EVERY
+    trainer = Trainer(cfg, demo_corpus, tmp_path / "run", progress=False, run_id=run_id,
+                      cache_dir=demo_corpus / ".features",
+                      fault=FaultPlan(kind="nan_grad", start=STORM_START, steps=STORM_STEPS))
+    link = attach(trainer, redis_url, enqueue_scoring=False)
+    tuner = TunerService(connect(redis_url), load_tuner_config(ROOT / "config" / "tuner.toml"),
+                         group=f"tuner-{run_id}", runs=[run_id])
+    stop = threading.Event()
+    loop = threading.Thread(target=tuner.run_forever, args=(stop, 100), daemon=True)
+    loop.start()
+    try:
+        summary = trainer.train(max_steps=MAX_STEPS, until_indicators=True)
+        assert link.close()
+    finally:
+        stop.set()
+        loop.join(10)
+    client = connect(redis_url)
+    commands = [decode(f, Command) for _, f in
+                client.xrange(stream_key(run_id, Stream.COMMANDS))]
+    acks = {a.command_id: a for a in (decode(f, Ack) for _, f in
+                                      client.xrange(stream_key(run_id, Stream.ACKS)))}
+    rollbacks = [c for c in commands if c.action == "rollback"]
+    assert rollbacks and rollbacks[0].reason.rule == "non_finite"
+    assert acks[rollbacks[0].command_id].status == "applied"
+    assert any(o["kind"] == "rollback" for o in trainer.overrides)
+    assert summary["skipped_steps"] >= 3  # poisoned steps were skipped, not applied
+    assert summary["all_indicators_met"], summary
+    chaos(f"non-finite gradient storm ({STORM_STEPS} steps)", injected=STORM_STEPS,
+          survived=1, lost=0)
