@@ -208,6 +208,14 @@ class Consumer:
         self.dead_lettered = 0
         self._ensured: set[str] = set()
 
+    def renewed(self) -> Consumer:
+        """A fresh consumer over the same keys, group and name, keeping the dead-letter count;
+        it creates the groups again on first use (after a stream was deleted under us)."""
+        fresh = Consumer(self.client, dict(self.keys), self.group, self.name,
+                         claim_idle_ms=self.claim_idle_ms)
+        fresh.dead_lettered = self.dead_lettered
+        return fresh
+
     def add_key(self, key: str, stream: Stream) -> None:
         """Also read ``key`` from now on (e.g. a run that appeared after start)."""
         self.keys[key] = stream

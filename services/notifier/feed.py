@@ -135,8 +135,7 @@ class ReportFeed:
                     raise
                 # A run's stream was deleted under us: read the same keys with fresh groups.
                 log.warning("a watched stream vanished, re-creating consumer groups: %s", error)
-                self.consumer = Consumer(self.client, dict(self.consumer.keys), GROUP,
-                                         self.consumer.name)
+                self.consumer = self.consumer.renewed()
                 continue
             delay = 0.5
 

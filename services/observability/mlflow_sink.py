@@ -500,10 +500,7 @@ class MlflowSink:
             delay = min(RETRY_MAX_S, delay * 2)
 
     def _reset_consumer(self) -> None:
-        old = self.consumer
-        self.consumer = Consumer(self.client, dict(old.keys), old.group, old.name,
-                                 claim_idle_ms=old.claim_idle_ms)
-        self.consumer.dead_lettered = old.dead_lettered
+        self.consumer = self.consumer.renewed()
         self._recovered = False
 
     # ---- logging

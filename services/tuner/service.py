@@ -235,10 +235,7 @@ class TunerService:
 
     def _reset_consumer(self) -> None:
         """A fresh consumer over the same keys; it creates the groups again on first use."""
-        old = self.consumer
-        self.consumer = Consumer(self.client, dict(old.keys), old.group, old.name,
-                                 claim_idle_ms=old.claim_idle_ms)
-        self.consumer.dead_lettered = old.dead_lettered
+        self.consumer = self.consumer.renewed()
         self._recovered = False
 
     def _recover(self) -> int:
