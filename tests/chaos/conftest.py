@@ -1,5 +1,7 @@
 """The fault-injection suite: each test injects a fault into real parts and records what
-it injected, what survived and how many events were lost; the table prints at the end."""
+it injected, how many of those the system survived as required (recovered, or stopped and
+alerted where that is the requirement) and how many events were lost; the table prints at
+the end of the run."""
 
 from __future__ import annotations
 
