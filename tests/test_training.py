@@ -168,3 +168,23 @@ def test_setters_record_overrides_and_rollback_restores_last_good(
                      "rollback"]
     assert trainer.overrides[0]["before"] == pytest.approx(1e-3)
     assert trainer.overrides[-1]["before"] == 6.0 and trainer.overrides[-1]["after"] == 5.0
+
+
+def test_rollback_across_an_epoch_takes_the_restored_epochs_order(small_corpus, small_config,
+                                                                   tmp_path):
+    """The live batch stream after a rollback to an earlier epoch serves exactly the batches
+    a fresh resume from that checkpoint would."""
+    small_config.run.checkpoint_every = 1000  # only the explicit checkpoint below
+    trainer = _trainer(small_config, small_corpus, tmp_path / "run")
+    batches = trainer._batches()
+    next(batches)
+    saved = (trainer.epoch, trainer.batch_in_epoch)
+    while trainer.epoch < saved[0] + 2:  # two epoch boundaries later
+        next(batches)
+    trainer.epoch, trainer.batch_in_epoch = saved  # what rollback restores with the weights
+    resumed = next(batches)
+    fresh = _trainer(small_config, small_corpus, tmp_path / "fresh")
+    fresh.epoch, fresh.batch_in_epoch = saved
+    expected = next(fresh._batches())
+    assert torch.equal(resumed.text, expected.text)
+    assert (trainer.epoch, trainer.batch_in_epoch) == (saved[0], saved[1] + 1)

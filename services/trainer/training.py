@@ -646,17 +646,22 @@ class Trainer:
         number of batches on every rank, disjoint, together the whole epoch.
         """
         while True:
-            self.sampler.set_epoch(self.epoch)
+            epoch = self.epoch
+            self.sampler.set_epoch(epoch)
             batches = list(self.sampler)
             if self.dist.distributed:
                 batches = distributed.shard_batches(batches, self.dist.rank,
                                                     self.dist.world_size)
-            while self.batch_in_epoch < len(batches):
+            # A rollback between two batches may restore another epoch (and its position):
+            # then that epoch's order is rebuilt, exactly as a resume would.
+            while self.epoch == epoch:
+                if self.batch_in_epoch >= len(batches):
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    break
                 indices = batches[self.batch_in_epoch]
                 self.batch_in_epoch += 1
                 yield self.collate([self.train_set[i] for i in indices])
-            self.epoch += 1
-            self.batch_in_epoch = 0
 
     # ---------------------------------------------------------------- the loop
 
