@@ -191,6 +191,13 @@ def dead_letter_record(stream: str, entry_id: str, group: str, reason: str,
             "raw": raw[:DEAD_LETTER_RAW_CHARS], "ts": str(time.time())}
 
 
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable (milliseconds, sequence) pair: ids of different streams
+    compare by the Redis time they were written at."""
+    millis, _, sequence = entry_id.partition("-")
+    return int(millis), int(sequence or 0)
+
+
 def _decoded(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 

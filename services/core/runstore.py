@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import redis
 from pydantic import BaseModel, Field
 
+from services.core.bus import entry_order
 from services.core.schemas import (
     SCHEMAS,
     Ack,
@@ -151,8 +152,7 @@ class RunStore:
         for run_id, *newest in self._newest_entries():
             for reply in newest:
                 if reply:
-                    millis, _, sequence = _text(reply[0][0]).partition("-")
-                    key = (int(millis), int(sequence or 0))
+                    key = entry_order(_text(reply[0][0]))
                     if best is None or key > best[0]:
                         best = (key, run_id)
         return None if best is None else best[1]

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import redis
 
-from services.core.bus import CONNECTION_ERRORS, Consumer, Delivery
+from services.core.bus import CONNECTION_ERRORS, Consumer, Delivery, entry_order
 from services.core.metrics import DeadLetterCounter
 from services.core.runstore import RunStore
 from services.core.schemas import MessageError
@@ -83,7 +83,7 @@ class ReportFeed:
 
     async def handle(self, deliveries: list[Delivery]) -> int:
         """Plan and queue the notices of ``deliveries`` (in entry order), then ack them."""
-        deliveries = sorted(deliveries, key=_entry_order)
+        deliveries = sorted(deliveries, key=lambda delivery: entry_order(delivery.entry_id))
         sent = 0
         for delivery in deliveries:
             notices = self.planner.observe(delivery.message)
@@ -138,8 +138,3 @@ class ReportFeed:
                 self.consumer = self.consumer.renewed()
                 continue
             delay = 0.5
-
-
-def _entry_order(delivery: Delivery) -> tuple[int, int]:
-    millis, _, sequence = delivery.entry_id.partition("-")
-    return int(millis), int(sequence or 0)

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, TypeVar
 import redis
 import typer
 
-from services.core.bus import CONNECTION_ERRORS, Consumer, Delivery
+from services.core.bus import CONNECTION_ERRORS, Consumer, Delivery, entry_order
 from services.core.runstore import PNG_SIGNATURE, RunStore
 from services.core.schemas import (
     WIRE_FIELD,
@@ -257,12 +257,6 @@ def event_status(event: Event) -> str | None:
 def jsonl_line(row: dict[str, Any]) -> str:
     """``row`` as one JSON line; NaN and infinities written as the streams write them."""
     return json.dumps(row, ensure_ascii=False, separators=(",", ":"))
-
-
-def entry_order(entry_id: str) -> tuple[int, int]:
-    """A stream entry id as a sortable (milliseconds, sequence) pair."""
-    millis, _, sequence = entry_id.partition("-")
-    return int(millis), int(sequence or 0)
 
 
 def is_after(entry_id: str, cursor: str) -> bool:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import redis
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from services.core.bus import CONNECTION_ERRORS, Consumer, Delivery, connect
+from services.core.bus import CONNECTION_ERRORS, Consumer, Delivery, connect, entry_order
 from services.core.logging import setup_logging
 from services.core.schemas import (
     MAX_NOTE_CHARS,
@@ -105,11 +105,6 @@ def _note(decision: Decision) -> str:
     text = (f"{decision.rule}: {t.metric} {t.value:.4g} vs threshold {t.threshold:g} "
             f"(window {t.window}) at step {decision.step}")
     return text[:MAX_NOTE_CHARS]
-
-
-def _entry_order(delivery: Delivery) -> tuple[int, int]:
-    millis, _, seq = delivery.entry_id.partition("-")
-    return int(millis), int(seq or 0)
 
 
 class TunerService:
@@ -252,7 +247,7 @@ class TunerService:
         """Handle entries in arrival order, save touched runs' memory, then ack them."""
         if not deliveries:
             return 0
-        deliveries.sort(key=_entry_order)
+        deliveries.sort(key=lambda delivery: entry_order(delivery.entry_id))
         touched: set[str] = set()
         for delivery in deliveries:
             run_id, _ = self._stream_of[delivery.key]
