@@ -35,9 +35,13 @@ from services.notifier.delivery import (
     DeliveryMetrics,
     DeliveryPolicy,
     Outbox,
-    to_plain_text,
 )
-from services.notifier.reports import MESSAGES, TELEGRAM_MESSAGE_LIMIT, utf16_length
+from services.notifier.reports import (
+    MESSAGES,
+    TELEGRAM_MESSAGE_LIMIT,
+    to_plain_text,
+    utf16_length,
+)
 from tests.telegram_stand_in import TEST_TOKEN, RecordedCall, TelegramStandIn, parse_html
 
 CHAT = 4242

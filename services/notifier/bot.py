@@ -66,6 +66,7 @@ from services.notifier.reports import (
     help_text,
     progress_report,
     status_report,
+    to_plain_text,
 )
 from services.notifier.sample import NoCheckpointError, Sample, speak
 
@@ -203,13 +204,9 @@ class AccessMiddleware(BaseMiddleware):
     async def _refuse(self, event: TelegramObject, chat_id: int | None, text: str) -> None:
         if isinstance(event, CallbackQuery):
             # A button press is answered in place; Telegram shows the text as an alert.
-            await event.answer(_plain(text), show_alert=True)
+            await event.answer(to_plain_text(text), show_alert=True)
         elif chat_id is not None:
             self.ctx.reply(chat_id, text)
-
-
-def _plain(text: str) -> str:
-    return re.sub(r"<[^>]*>", "", text)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -17,10 +17,8 @@ the rest follows as text messages.
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
 import random
-import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,7 +42,7 @@ from aiogram.types import BufferedInputFile, InlineKeyboardMarkup
 from aiohttp import ClientError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from services.notifier.reports import split_message
+from services.notifier.reports import split_message, to_plain_text
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +73,6 @@ FAILURE_REASONS: tuple[str, ...] = (
 )
 RETRY_CAUSES: tuple[str, ...] = ("retry_after", "server_error", "network", "parse_fallback")
 
-_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9-]*(?:\s[^<>]*)?/?>")
 _NETWORK_ERRORS = (TelegramNetworkError, asyncio.TimeoutError, ClientError, ConnectionError)
 
 
@@ -143,11 +140,6 @@ class DeliveryMetrics:
                 self.failures.labels(kind=kind, reason=reason)
         for cause in RETRY_CAUSES:
             self.retries.labels(cause=cause)
-
-
-def to_plain_text(text: str) -> str:
-    """``text`` in HTML parse mode as plain text: tags stripped, entities unescaped."""
-    return html.unescape(_TAG.sub("", text))
 
 
 @dataclass

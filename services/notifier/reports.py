@@ -349,10 +349,16 @@ MESSAGES: dict[Language, dict[str, str]] = {
     },
 }
 
-_TAG = re.compile(r"<[^>]*>")
+# A tag of Telegram's HTML subset; a bare "<" never occurs in our text (data is escaped).
+_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9-]*(?:\s[^<>]*)?/?>")
 
 
 # ---------------------------------------------------------------------------- formatting
+
+
+def to_plain_text(text: str) -> str:
+    """``text`` in HTML parse mode as plain text: tags stripped, entities unescaped."""
+    return html.unescape(_TAG.sub("", text))
 
 
 def escape(text: object) -> str:
@@ -473,6 +479,17 @@ def _action_line(words: Mapping[str, str], record: ActionRecord) -> str:
         action=escape(command.action), change=change, ack=ack_text, effect=effect_text), 1)
 
 
+def _run_indicators(metrics: MetricsMessage, report: AlignmentReport | None,
+                    restarts: int) -> list[Indicator]:
+    """The five indicators as the tuner judges them: the step's objective for the loss; NaN
+    (unmet) for the alignment ones until there is a report."""
+    return evaluate_indicators(
+        grad_norm=metrics.grad_norm,
+        diagonality=math.nan if report is None else report.scores.diagonality,
+        restarts=restarts, loss=metrics.objective,
+        quality=math.nan if report is None else report.scores.quality)
+
+
 def progress_report(run_id: str, metrics: MetricsMessage, report: AlignmentReport | None,
                     previous_report: AlignmentReport | None, actions: Sequence[ActionRecord],
                     restarts: int, language: Language) -> str:
@@ -513,11 +530,7 @@ def progress_report(run_id: str, metrics: MetricsMessage, report: AlignmentRepor
         lines.append(words["alignment_header"].format(step=report.step))
         previous = None if previous_report is None else previous_report.scores
         lines.extend(_score_lines(words, report.scores, previous))
-    checks = evaluate_indicators(
-        grad_norm=metrics.grad_norm,
-        diagonality=math.nan if report is None else report.scores.diagonality,
-        restarts=restarts, loss=metrics.objective,
-        quality=math.nan if report is None else report.scores.quality)
+    checks = _run_indicators(metrics, report, restarts)
     lines.append("")
     lines.extend(_indicator_lines(words, checks,
                                   ALIGNMENT_INDICATORS if report is None else frozenset()))
@@ -556,18 +569,14 @@ def status_report(run_id: str, metrics: MetricsMessage | None, report: Alignment
             diagonality=format_score(report.scores.diagonality),
             quality=format_percent(report.scores.quality), step=report.step))
     if metrics is not None:
-        checks = evaluate_indicators(
-            grad_norm=metrics.grad_norm,
-            diagonality=math.nan if report is None else report.scores.diagonality,
-            restarts=restarts, loss=metrics.objective,
-            quality=math.nan if report is None else report.scores.quality)
+        checks = _run_indicators(metrics, report, restarts)
         lines.append(words["status_indicators"].format(met=sum(c.met for c in checks),
                                                        total=len(checks)))
     lines.append(words["status_restarts"].format(restarts=restarts))
     if last_event is not None:
         step = "" if last_event.step is None else words["event_step"].format(
             step=last_event.step)
-        title = _TAG.sub("", words[f"event_{last_event.event}"])
+        title = to_plain_text(words[f"event_{last_event.event}"])
         lines.append(words["status_event"].format(event=title, step=step))
     return "\n".join(lines)
 
@@ -727,7 +736,7 @@ def utf16_length(text: str) -> int:
 
 def _hard_split(line: str, limit: int) -> list[str]:
     """An overlong line as plain text (tags stripped), cut so each escaped piece fits."""
-    plain = html.unescape(_TAG.sub("", line))
+    plain = to_plain_text(line)
     pieces: list[str] = []
     current: list[str] = []
     size = 0
