@@ -15,12 +15,14 @@ from typing import Any
 
 import yaml
 
+from services.notifier.config import DEFAULT_PORT as NOTIFIER_PORT
+from services.notifier.config import WEBHOOK_PATH
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES_DIR = DEPLOY / "prometheus" / "rules"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 PROMETHEUS_BINARY = "prometheus"
 ALERTMANAGER_BINARY = "prometheus-alertmanager"  # Debian's name; upstream calls it alertmanager
-WEBHOOK_PATH = "/alertmanager"  # the notifier's receiver (services.notifier.webhook)
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class LocalPorts:
     tuner: int = 9102
     diagnostics: int = 9103
     api: int = 8000
-    notifier: int = 8001
+    notifier: int = NOTIFIER_PORT
     prometheus: int = 9090
     alertmanager: int = 9093
 

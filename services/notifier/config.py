@@ -21,6 +21,8 @@ ENV_PREFIX = "SMART_TUNER_NOTIFIER_"
 # the secret is not documented as fixed, so accept any plausible one.
 TOKEN_PATTERN = re.compile(r"^\d{5,20}:[A-Za-z0-9_-]{30,64}$")
 TELEGRAM_API_URL = "https://api.telegram.org"
+WEBHOOK_PATH = "/alertmanager"  # where the notifier receives Alertmanager's notifications
+DEFAULT_PORT = 8001
 
 ChatIds = Annotated[tuple[int, ...], NoDecode]
 
@@ -67,7 +69,7 @@ class NotifierSettings(BaseSettings):
     sample_text_ru: str = Field(default="Съешь же ещё этих мягких французских булок.",
                                 min_length=1, max_length=500)
     host: str = Field(default="127.0.0.1", description="Alertmanager webhook and /metrics")
-    port: int = Field(default=8001, ge=0, le=65535)
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     webhook_token: SecretStr | None = Field(
         default=None, min_length=16,
         description="bearer token Alertmanager must send; unset: the webhook is open "

@@ -25,12 +25,12 @@ from prometheus_client.exposition import choose_encoder
 from pydantic import BaseModel
 
 from services.notifier.alerts import AlertDeduplicator, AlertmanagerPayload, alerts_report
+from services.notifier.config import WEBHOOK_PATH
 from services.notifier.delivery import Outbox
 from services.notifier.reports import Language
 
 log = logging.getLogger(__name__)
 
-WEBHOOK_PATH = "/alertmanager"
 DELIVERY_WAIT_S = 5.0  # well inside Alertmanager's default webhook timeout
 
 
