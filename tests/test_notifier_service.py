@@ -43,7 +43,9 @@ def test_notifier_refuses_a_malformed_token_without_echoing_it(tmp_path: Path) -
 
 def test_launcher_starts_the_notifier_only_when_configured(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.chdir(tmp_path)
+    assert notifier_configured({}) is False
+    (tmp_path / ".env").write_text("SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN=\n")  # as in the example
     assert notifier_configured({}) is False
     monkeypatch.setenv("SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN", TEST_TOKEN)
     monkeypatch.setenv("SMART_TUNER_NOTIFIER_CHAT_IDS", "42")

@@ -110,22 +110,19 @@ def critical_event(redis_url: str, run_id: str, detail: str, data: dict) -> None
 def notifier_configured(env: Mapping[str, str]) -> bool:
     """Whether to start the notifier: a token is set (in the environment or ``.env``).
 
-    A token that is set but invalid, or a missing chat list, fails here, before anything
-    starts, with the variable named.
+    An empty ``KEY=`` line (as in .env.example) is unset, as the settings read it. A token
+    that is set but invalid, or a missing chat list, fails here, before anything starts,
+    with the variable named.
     """
+    from dotenv import dotenv_values  # what pydantic-settings itself reads .env with
+
     from services.notifier.config import ENV_PREFIX, load_notifier_settings
 
-    if not env.get(f"{ENV_PREFIX}TELEGRAM_TOKEN") and not _dotenv_has(f"{ENV_PREFIX}"
-                                                                      "TELEGRAM_TOKEN"):
+    name = f"{ENV_PREFIX}TELEGRAM_TOKEN"
+    if not env.get(name) and not dotenv_values(".env").get(name):
         return False
     load_notifier_settings()
     return True
-
-
-def _dotenv_has(name: str) -> bool:
-    dotenv = Path(".env")
-    return dotenv.is_file() and any(line.split("=", 1)[0].strip() == name
-                                    for line in dotenv.read_text().splitlines())
 
 
 def up(data: Path, out: Path, run_id: str, preset: str = "tiny", api_port: int = 8000,
