@@ -39,7 +39,6 @@ from services.observability.grafana import (
     dashboard_expressions,
     load_dashboards,
     push_dashboards,
-    register,
     substitute_variables,
 )
 
@@ -650,13 +649,9 @@ def test_push_refuses_credentials_in_the_url_without_echoing_them(
 
 
 def _cli() -> typer.Typer:
-    app = typer.Typer()
+    """The real top-level CLI, with every command registered."""
+    from services.cli import app
 
-    @app.callback()
-    def main() -> None:
-        """The top-level CLI, as services/cli.py builds it."""
-
-    register(app)
     return app
 
 

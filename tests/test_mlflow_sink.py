@@ -59,7 +59,6 @@ from services.observability.mlflow_sink import (
     chunk_points,
     enabled,
     metrics_points,
-    register,
 )
 
 STEPS = 20
@@ -424,13 +423,9 @@ def test_an_entry_mlflow_refuses_is_dead_lettered_and_the_rest_logged(
 
 
 def _cli() -> typer.Typer:
-    app = typer.Typer()
+    """The real top-level CLI, with every command registered."""
+    from services.cli import app
 
-    @app.callback()
-    def main() -> None:
-        """The top-level CLI, as services/cli.py builds it."""
-
-    register(app)
     return app
 
 
