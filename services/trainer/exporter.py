@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from services.core.bus import PublisherStats
 from services.core.metrics import DeadLetterCounter, port_from_env
 from services.core.plateau import PlateauClock
-from services.trainer.training import EvalResult, StepMetrics, Trainer, TrainingObserver
+from services.trainer.training import StepMetrics, Trainer, TrainingObserver
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,6 @@ class PrometheusObserver(TrainingObserver):
                 series.dropped.labels(run).inc(stats.dropped - self._dropped)
                 self._dropped = stats.dropped
             series.dead_letters.sync(dead)
-
-    def on_eval(self, trainer: Trainer, result: EvalResult) -> None:
-        """Nothing: alignment scores are the diagnostics worker's metrics."""
 
     def on_lifecycle(self, trainer: Trainer, event: str, detail: str,
                      data: dict[str, Any]) -> None:
