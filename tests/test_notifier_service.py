@@ -101,7 +101,7 @@ def test_feed_catches_up_silently_then_reports(telegram, redis_url: str) -> None
         outbox = Outbox(bot, TEST_POLICY)
         feed = ReportFeed(connect(redis_url), ReportPlanner("en", 100, 3600.0), outbox, (7,),
                           catch_up_s=300)
-        feed.consumer.ack = lambda delivery: acked.append(delivery.entry_id)  # type: ignore
+        feed.consumer.ack = lambda *done: acked.extend(d.entry_id for d in done)  # type: ignore
         quiet = await feed.handle(backlog)
         loud = await feed.handle(fresh)
         await outbox.close()

@@ -309,6 +309,12 @@ class Consumer:
                         deliveries.append(delivery)
         return deliveries
 
-    def ack(self, delivery: Delivery) -> None:
-        """Mark ``delivery`` handled."""
-        self.client.xack(delivery.key, self.group, delivery.entry_id)
+    def ack(self, *deliveries: Delivery) -> None:
+        """Mark ``deliveries`` handled: one XACK per stream, in one round trip."""
+        by_key: dict[str, list[str]] = {}
+        for delivery in deliveries:
+            by_key.setdefault(delivery.key, []).append(delivery.entry_id)
+        pipe = self.client.pipeline(transaction=False)
+        for key, ids in by_key.items():
+            pipe.xack(key, self.group, *ids)
+        pipe.execute()

@@ -93,7 +93,8 @@ class ReportFeed:
             for notice in notices:
                 await self.send(notice)
                 sent += 1
-            await asyncio.to_thread(self.consumer.ack, delivery)
+        if deliveries:  # their notices are queued: one round trip acks the batch
+            await asyncio.to_thread(self.consumer.ack, *deliveries)
         for notice in self.planner.tick():
             await self.send(notice)
             sent += 1
