@@ -12,8 +12,10 @@ from services.trainer.text import (
     EOS,
     EOS_ID,
     N_SYMBOLS,
+    N_SYMBOLS_WITHOUT_STRESS,
     PAD,
     PAD_ID,
+    STRESS_ID,
     SYMBOLS,
     detect_language,
     normalize_text,
@@ -29,10 +31,12 @@ def test_symbol_ids_are_stable_and_unique() -> None:
     # Pinned order: a change here invalidates every trained checkpoint's embedding rows.
     assert "".join(SYMBOLS) == (
         "_~ !'(),-.:;?\"abcdefghijklmnopqrstuvwxyz"
-        "абвгдежзийклмнопрстуфхцчшщъыьэюяё"
+        "абвгдежзийклмнопрстуфхцчшщъыьэюяё+"
     )
     assert (SYMBOLS.index(" "), SYMBOLS.index("a"), SYMBOLS.index("а")) == (2, 14, 40)
-    assert SYMBOLS.index("ё") == N_SYMBOLS - 1 == 72
+    # The stress symbol was appended: the table without it is the old one, unchanged.
+    assert SYMBOLS.index("ё") == 72
+    assert STRESS_ID == N_SYMBOLS_WITHOUT_STRESS == N_SYMBOLS - 1 == 73
     assert all(len(symbol) == 1 for symbol in SYMBOLS)
 
 
@@ -55,8 +59,51 @@ def test_decomposed_cyrillic_is_recomposed() -> None:
     assert normalize_text("мои\u0306 е\u0308ж").text == "мой ёж"
 
 
-def test_russian_stress_marks_are_dropped() -> None:
-    assert normalize_text("за\u0301мок").text == "замок"
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("вол+ос", "вол+ос"),
+    ("+Окна", "+окна"),
+    ("дом+ой", "дом+ой"),
+    ("Д+Ом", "д+ом"),
+    ("за\u0301мок", "з+амок"),   # acute after the vowel: moved before it
+    ("зам+ок и за\u0301мок", "зам+ок и з+амок"),
+    ("+ёлка", "+ёлка"),
+])
+def test_russian_stress_marks_are_kept_as_the_stress_symbol(raw: str, expected: str) -> None:
+    result = normalize_text(raw)
+    assert result.text == expected
+    assert "плюс" not in result.text
+    assert result.unknown == {}
+    ids = text_to_sequence(raw).ids
+    assert ids.count(STRESS_ID) == expected.count("+")
+    assert ids[ids.index(STRESS_ID) + 1] == SYMBOLS.index(expected[expected.index("+") + 1])
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("2 + 2", "два плюс два"),
+    ("2+2", "два плюс два"),
+    ("цена +", "цена плюс"),
+    ("+7", "плюс семь"),
+    ("C++ и Java", "c плюс плюс и java"),
+])
+def test_a_real_plus_is_still_spoken(raw: str, expected: str) -> None:
+    assert normalize_text(raw, "ru").text == expected
+
+
+def test_english_plus_is_spoken_and_latin_vowels_take_no_stress() -> None:
+    assert normalize_text("2 + 2").text == "two plus two"
+    assert normalize_text("a +a").text == "a plus a"
+
+
+def test_stress_marks_can_be_dropped_for_partly_marked_corpora() -> None:
+    assert normalize_text("вол+ос и за\u0301мок", stress=False).text == "волос и замок"
+    assert STRESS_ID not in text_to_sequence("вол+ос", stress=False).ids
+    # Dropping stress never turns a real plus into nothing.
+    assert normalize_text("2 + 2", "ru", stress=False).text == "два плюс два"
+
+
+def test_yo_is_kept_with_and_without_stress() -> None:
+    assert normalize_text("ещё вс+ё").text == "ещё вс+ё"
+    assert normalize_text("е\u0308ж").text == "ёж"
 
 
 def test_accents_folded_to_base_letters() -> None:

@@ -227,6 +227,15 @@ def griffin_lim(
         log_mel_t = _as_float_tensor(log_mel, torch.device("cpu"))
     if log_mel_t.dim() != 2 or log_mel_t.shape[0] != cfg.n_mels:
         raise ValueError(f"expected a log-mel [{cfg.n_mels}, frames], got {tuple(log_mel_t.shape)}")
+    # A model that stops almost at once (early in training) gives a handful of frames,
+    # fewer than the STFT's reflect padding needs: pad with silence, trim afterwards.
+    wanted_length = (log_mel_t.shape[1] - 1) * cfg.hop_length
+    min_frames = cfg.n_fft // cfg.hop_length + 2
+    if log_mel_t.shape[1] < min_frames:
+        silence = (log_mel_t.min() if log_mel_t.numel()
+                   else torch.tensor(math.log(LOG_MEL_FLOOR)))
+        log_mel_t = torch.cat([log_mel_t, silence.expand(
+            cfg.n_mels, min_frames - log_mel_t.shape[1])], dim=1)
     device = log_mel_t.device
     basis = torch.from_numpy(
         mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax)
@@ -257,7 +266,7 @@ def griffin_lim(
         previous = rebuilt
     wav = torch.istft(magnitude * angles, length=length, **stft_args)
 
-    out = wav.cpu().numpy().astype(np.float32)
+    out = wav[:wanted_length].cpu().numpy().astype(np.float32)
     peak = float(np.abs(out).max()) if out.size else 0.0
     if peak > 0.0:
         out *= GRIFFIN_LIM_PEAK / peak

@@ -124,10 +124,21 @@ class RunConfig(_Strict):
     num_workers: int = Field(0, ge=0)
 
 
+class TextConfig(_Strict):
+    """How transcripts become symbols (services/trainer/text.py)."""
+
+    # "auto" detects each utterance's language from its script.
+    language: Literal["auto", "en", "ru"] = "auto"
+    # Stress marks ("вол+ос", U+0301) become the stress symbol; "drop" removes them, for
+    # corpora that mark stress only in some transcripts.
+    stress: Literal["keep", "drop"] = "keep"
+
+
 class TrainConfig(_Strict):
     """Everything a run needs besides its data and output folder."""
 
     preset: str = "custom"
+    text: TextConfig = Field(default_factory=TextConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

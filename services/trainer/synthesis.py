@@ -55,10 +55,14 @@ class Synthesizer:
         self.mean = torch.as_tensor(state["mel_mean"]).float().unsqueeze(1)
         self.std = torch.as_tensor(state["mel_std"]).float().unsqueeze(1)
         self.step = int(state["step"])
+        # A model trained before the stress symbol existed has no row for it: its text
+        # is encoded without stress marks, as it was trained.
+        self.stress = (self.cfg.text.stress == "keep"
+                       and self.cfg.model.n_symbols > text_frontend.STRESS_ID)
 
     def synthesize(self, text: str, language: str = "auto", seed: int = 0) -> Synthesis:
         """Speak ``text``; ``seed`` fixes the prenet dropout so output is reproducible."""
-        encoded = text_frontend.text_to_sequence(text, language)
+        encoded = text_frontend.text_to_sequence(text, language, self.stress)
         ids = torch.tensor([encoded.ids], dtype=torch.long, device=self.device)
         torch.manual_seed(seed)
         output = self.model.infer(ids)

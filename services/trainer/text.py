@@ -32,16 +32,32 @@ EOS = "~"
 PUNCTUATION = " !'(),-.:;?\""
 LATIN = "abcdefghijklmnopqrstuvwxyz"
 CYRILLIC = "абвгдежзийклмнопрстуфхцчшщъыьэюяё"
+# Lexical stress, written before the stressed vowel as Russian TTS corpora do ("вол+ос").
+# Appended last: tables without it (73 symbols) are still a prefix of this one.
+STRESS = "+"
 
-SYMBOLS: tuple[str, ...] = (PAD, EOS, *PUNCTUATION, *LATIN, *CYRILLIC)
+SYMBOLS: tuple[str, ...] = (PAD, EOS, *PUNCTUATION, *LATIN, *CYRILLIC, STRESS)
 PAD_ID = 0
 EOS_ID = 1
 N_SYMBOLS = len(SYMBOLS)
 
+STRESS_ID = SYMBOLS.index(STRESS)
+# The table before the stress symbol: checkpoints trained with it know no stress.
+N_SYMBOLS_WITHOUT_STRESS = STRESS_ID
+
 _SYMBOL_TO_ID: dict[str, int] = {symbol: index for index, symbol in enumerate(SYMBOLS)}
 # PAD and EOS are in the table but are not text: a "~" or "_" in the input is unknown.
+# STRESS is not either: a literal "+" in text is a sign, spoken ("2 + 2").
 _TEXT_SYMBOLS = frozenset(PUNCTUATION + LATIN + CYRILLIC)
 _CYRILLIC_LETTER = re.compile(r"[а-яё]", re.IGNORECASE)
+
+# --- Stress marks. "+" directly before a Cyrillic vowel, or a combining acute (U+0301)
+# directly after one, marks stress; both become one private-use placeholder before the
+# vowel, which no later step reads as a sign, folds away or counts as unknown.
+_STRESS_MARK = "\ue000"
+_RU_VOWELS = "аеёиоуыэюяАЕЁИОУЫЭЮЯ"
+_PLUS_STRESS = re.compile(rf"\+(?=[{_RU_VOWELS}])")
+_ACUTE_STRESS = re.compile(rf"([{_RU_VOWELS}])\u0301")
 
 # --- Character folding, applied before anything else.
 # Typographic quotes and dashes map onto the table's ASCII ones.
@@ -208,7 +224,8 @@ def _fold_characters(text: str) -> str:
     for char in unicodedata.normalize("NFC", text):
         if char in _CHAR_MAP:
             out.append(_CHAR_MAP[char])
-        elif char in _TEXT_SYMBOLS or char.lower() in _TEXT_SYMBOLS or char in _SPOKEN_SIGNS:
+        elif (char in _TEXT_SYMBOLS or char.lower() in _TEXT_SYMBOLS or char in _SPOKEN_SIGNS
+              or char == _STRESS_MARK):
             out.append(char)
         else:
             decomposed = unicodedata.normalize("NFKD", char)
@@ -309,35 +326,50 @@ def _warn_unknown(char: str) -> None:
     log.warning("no symbol for %r (U+%04X); removing it from the text", char, ord(char))
 
 
-def normalize_text(text: str, language: Literal["auto", "en", "ru"] = "auto") -> NormalizedText:
+def _mark_stress(text: str, keep: bool) -> str:
+    """Turn "+" before and U+0301 after a Cyrillic vowel into the stress placeholder
+    before that vowel, or drop them when ``keep`` is false; any other "+" is left alone."""
+    text = unicodedata.normalize("NFC", text)
+    mark = _STRESS_MARK if keep else ""
+    text = _ACUTE_STRESS.sub(lambda m: mark + m.group(1), text)
+    return _PLUS_STRESS.sub(mark, text)
+
+
+def normalize_text(text: str, language: Literal["auto", "en", "ru"] = "auto",
+                   stress: bool = True) -> NormalizedText:
     """Reduce ``text`` to the symbol table: fold accents, spell out numbers, signs and
     abbreviations in the text's language, lowercase and collapse whitespace.
 
     ``language="auto"`` picks Russian when the text has Cyrillic letters. Characters with
     no symbol are removed from ``text``, counted in ``unknown`` (after lowercasing) and
-    logged once per process per character.
+    logged once per process per character. Stress marks ("вол+ос", "воло\u0301с") become
+    ``STRESS`` before the vowel, or are dropped with ``stress=False`` (for corpora that
+    mark stress only here and there, where the model would learn it as noise).
     """
     if language not in ("auto", "en", "ru"):
         raise ValueError(f"unknown language {language!r}; use 'auto', 'en' or 'ru'")
     lang: Language = detect_language(text) if language == "auto" else language
 
-    folded = _WHITESPACE.sub(" ", _fold_characters(text))
+    folded = _WHITESPACE.sub(" ", _fold_characters(_mark_stress(text, stress)))
     expanded = _expand_signs(_expand_numbers(_expand_abbreviations(folded, lang), lang), lang)
     lowered = expanded.lower()
 
-    unknown = Counter(char for char in lowered if char not in _TEXT_SYMBOLS and not char.isspace())
+    unknown = Counter(char for char in lowered
+                      if char not in _TEXT_SYMBOLS and char != _STRESS_MARK
+                      and not char.isspace())
     for char in unknown:
         _warn_unknown(char)
-    kept = "".join(char if char in _TEXT_SYMBOLS else " " if char.isspace() else ""
-                   for char in lowered)
+    kept = "".join(char if char in _TEXT_SYMBOLS else STRESS if char == _STRESS_MARK
+                   else " " if char.isspace() else "" for char in lowered)
     # Expansions pad words with spaces; "five ." must read "five.".
     cleaned = _SPACE_BEFORE_PUNCT.sub(r"\1", _WHITESPACE.sub(" ", kept)).strip()
     return NormalizedText(text=cleaned, language=lang, unknown=dict(unknown))
 
 
-def text_to_sequence(text: str, language: Literal["auto", "en", "ru"] = "auto") -> EncodedText:
+def text_to_sequence(text: str, language: Literal["auto", "en", "ru"] = "auto",
+                     stress: bool = True) -> EncodedText:
     """Normalise ``text`` and encode it as symbol ids, with ``EOS_ID`` appended."""
-    normalized = normalize_text(text, language)
+    normalized = normalize_text(text, language, stress)
     ids = [_SYMBOL_TO_ID[char] for char in normalized.text]
     ids.append(EOS_ID)
     return EncodedText(ids=ids, normalized=normalized.text, language=normalized.language,

@@ -293,7 +293,8 @@ class Trainer:
         unknown: Counter[str] = Counter()
 
         def encode(text: str) -> list[int]:
-            encoded = text_frontend.text_to_sequence(text)
+            encoded = text_frontend.text_to_sequence(text, self.cfg.text.language,
+                                                     stress=self.cfg.text.stress == "keep")
             unknown.update(encoded.unknown)
             return encoded.ids
 
@@ -357,6 +358,16 @@ class Trainer:
 
     def _restore(self, loaded: LoadedCheckpoint) -> None:
         state = loaded.state
+        trained_symbols = int(state["config"]["model"]["n_symbols"])
+        if trained_symbols != self.cfg.model.n_symbols:
+            # Resuming needs the optimizer's moments for every embedding row too: a
+            # different table cannot continue; a warm start copies what still fits.
+            raise ValueError(
+                f"{loaded.info.file}: trained with a symbol table of {trained_symbols} "
+                f"symbols, this front-end has {self.cfg.model.n_symbols} (the stress "
+                f"symbol {text_frontend.STRESS!r} was added after it); it cannot be resumed "
+                f"- start a new run with --warm-start {loaded.info.file}, which keeps every "
+                "weight and extends the embedding")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr.load_state_dict(state["lr"])
