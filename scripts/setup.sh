@@ -13,6 +13,9 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+# festvox-ru: the recorded Russian corpus (smart-tuner corpus --source festvox-ru).
+[ -f /usr/share/festival/voices/russian/msu_ru_nsh_clunits/etc/txt.done.data ] \
+  || missing+=(festvox-ru)
 if ((${#missing[@]})); then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq

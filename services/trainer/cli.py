@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -17,15 +18,42 @@ console = Console()
 SIGNAL_ECHO_S = 2.0  # torchrun passes a Ctrl-C on to workers that already got it
 
 
+class CorpusSource(StrEnum):
+    """Where ``smart-tuner corpus`` takes its speech from."""
+
+    demo = "demo"
+    festvox_ru = "festvox-ru"
+
+
 def corpus(
     out: Annotated[Path, typer.Option(help="folder to write the LJSpeech-layout corpus to")]
     = Path("data/demo"),
-    english: Annotated[int, typer.Option(help="English sentences")] = 400,
-    russian: Annotated[int, typer.Option(help="Russian sentences")] = 200,
-    seed: Annotated[int, typer.Option(help="seed: the same seed gives the same corpus")] = 0,
-    jobs: Annotated[int, typer.Option(help="parallel espeak-ng processes")] = 2,
+    source: Annotated[CorpusSource, typer.Option(
+        help="demo: sentences spoken by espeak-ng; festvox-ru: 620 recorded Russian "
+             "utterances from Debian's festvox-ru package (installed if missing)")]
+    = CorpusSource.demo,
+    english: Annotated[int, typer.Option(help="demo: English sentences")] = 400,
+    russian: Annotated[int, typer.Option(help="demo: Russian sentences")] = 200,
+    seed: Annotated[int, typer.Option(help="demo: the same seed gives the same corpus")] = 0,
+    jobs: Annotated[int, typer.Option(help="demo: parallel espeak-ng processes")] = 2,
+    voice_dir: Annotated[Path | None, typer.Option(
+        help="festvox-ru: a voice folder (etc/txt.done.data, wav/) instead of the package's")]
+    = None,
 ) -> None:
-    """Build the demo corpus with espeak-ng (English and Russian, LJSpeech layout)."""
+    """Build a corpus in the LJSpeech layout: the espeak-ng demo, or recorded Russian speech."""
+    if source is CorpusSource.festvox_ru:
+        from services.trainer.festvox import build_festvox_corpus
+
+        try:
+            real = build_festvox_corpus(out, voice_dir=voice_dir)
+        except (FileNotFoundError, ValueError) as error:
+            console.print(f"[red]{error}[/red]")
+            raise typer.Exit(code=1) from None
+        rates = ", ".join(f"{n} at {rate} Hz" for rate, n in sorted(real.sample_rates.items()))
+        console.print(f"corpus: {real.n_utterances} recorded utterances ({rates}), "
+                      f"{real.total_seconds / 60:.1f} min of audio, {real.n_with_stress} "
+                      f"transcripts with stress marks, in {out} ({real.seconds_taken:.1f} s)")
+        return
     from services.trainer.corpus import build_demo_corpus
 
     summary = build_demo_corpus(out, n_english=english, n_russian=russian, seed=seed,
