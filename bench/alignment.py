@@ -1,15 +1,24 @@
-"""Benchmark: how fast does Tacotron2 learn to align on this machine, ours vs the NVIDIA recipe?
+"""Benchmark: how fast does Tacotron2 learn to align (and to speak) on this machine?
 
-Trains from scratch on the demo corpus twice in one run:
-  (a) the ``tiny`` preset (guided attention, warm-up to 1e-3 with decay, clipping at 1.0);
+Arms, each trained in this one run:
+  (a) the ``tiny`` preset on the demo corpus (guided attention, warm-up to 1e-3 with decay,
+      clipping at 1.0), until all its indicators are met;
   (b) the same model with the NVIDIA/tacotron2 recipe: no guided attention, lr 1e-3
-      constant, clipping at 1.0 and nothing else of ours.
+      constant, clipping at 1.0 and nothing else of ours, until it aligns;
+  (r) recorded speech (``--real-data``, e.g. the festvox-ru corpus) with ``--real-config``,
+      from scratch, until all six indicators are met: the plan's five, teacher-forced, and
+      the inference probes (>= 90 % stop at a sane length, median inference diagonality
+      > 0.7), probed in the background at every checkpoint as in a user's run;
+  (w) the same as (r), warm-started from arm (a)'s final checkpoint (the English demo
+      model, ``--ignore-layers`` none: the embedding keeps its Cyrillic rows), until it
+      aligns: the warm start's gain is (r)'s steps and minutes to alignment over (w)'s.
 For each it prints seconds per step, the steps and minutes until validation diagonality
-> 0.7, the loss, grad norm and quality at that point, and for (a) when all five of the
-plan's indicators were first met. An arm that does not get there within its cap says so,
-and the (b)/(a) ratio is then a lower bound.
+> 0.7 with the loss, grad norm and quality there, and when all indicators were first met.
+An arm that does not get there within its cap says so, and a ratio is then a bound.
 
     python bench/alignment.py --data data/demo --cap-minutes 25
+    python bench/alignment.py --arms a,r,w --real-data data/ru-real \
+        --real-config config/recipes/ru-real.toml --real-cap-minutes 30
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ import torch
 
 from services.core import indicators
 from services.core.logging import setup_logging
-from services.trainer.config import TrainConfig, preset
+from services.trainer.config import TrainConfig, load_train_config, preset
+from services.trainer.probes import ProbeSummary
 from services.trainer.training import EvalResult, StepMetrics, Trainer, TrainingObserver
 
 
@@ -41,9 +51,19 @@ class ArmRecord(TrainingObserver):
     aligned: dict | None = None
     all_met: dict | None = None
     final: dict | None = None
+    probes: list[dict] = field(default_factory=list)
 
     def on_step(self, trainer: Trainer, metrics: StepMetrics) -> None:
         self.step_seconds.append(metrics.step_seconds)
+
+    def on_probes(self, trainer: Trainer, summary: ProbeSummary) -> None:
+        minutes = (time.perf_counter() - self.started) / 60
+        self.probes.append({"checkpoint_step": summary.step, "at_step": trainer.step,
+                            "minutes": round(minutes, 2),
+                            "stop_percent": round(100 * summary.stop_share, 1),
+                            "inference_diagonality": round(summary.median_diagonality, 3),
+                            "relative_wer": summary.relative_wer})
+        self._check_all_met(trainer)
 
     def on_eval(self, trainer: Trainer, result: EvalResult) -> None:
         if result.step == 0:
@@ -56,9 +76,15 @@ class ArmRecord(TrainingObserver):
                  "quality": round(result.scores["quality"], 1)}
         if self.aligned is None and result.scores["diagonality"] > indicators.DIAGONALITY_OK:
             self.aligned = point
-        if self.all_met is None and indicators.all_met(trainer.indicators()):
-            self.all_met = point
         self.final = point
+        self._check_all_met(trainer)
+
+    def _check_all_met(self, trainer: Trainer) -> None:
+        if self.all_met is None and self.final is not None \
+                and indicators.all_met(trainer.indicators()):
+            self.all_met = {**self.final, "step": trainer.step,
+                            "minutes": round((time.perf_counter() - self.started) / 60, 2),
+                            "probes": self.probes[-1] if self.probes else None}
         done = self.aligned is not None if self.goal == "aligned" else self.all_met is not None
         if done:
             trainer.request_stop()
@@ -77,15 +103,17 @@ def nvidia_recipe(cfg: TrainConfig) -> TrainConfig:
 
 
 def run_arm(name: str, cfg: TrainConfig, goal: str, data: Path, out: Path,
-            cap_minutes: float, eval_every: int) -> ArmRecord:
-    """Train one arm from scratch until its goal or the cap."""
+            cap_minutes: float, eval_every: int, warm_start: Path | None = None
+            ) -> ArmRecord:
+    """Train one arm from scratch (or warm-started) until its goal or the cap."""
     cfg.run.eval_every = eval_every
-    cfg.run.checkpoint_every = 10**9  # checkpoints are not what is measured here
+    if not cfg.probes.enabled:
+        cfg.run.checkpoint_every = 10**9  # checkpoints are not what is measured here
     cfg.run.max_steps = 100_000
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
     record = ArmRecord(name=name, goal=goal)
-    trainer = Trainer(cfg, data, run_dir, observers=[record])
+    trainer = Trainer(cfg, data, run_dir, observers=[record], warm_start=warm_start)
     record.started = time.perf_counter()
     trainer.train(max_minutes=cap_minutes)
     return record
@@ -108,32 +136,56 @@ def describe(record: ArmRecord, cap_minutes: float) -> list[str]:
     if record.goal == "all_met":
         if record.all_met:
             m = record.all_met
-            lines.append(f"  all five indicators met at step {m['step']} ({m['minutes']} min): "
+            lines.append(f"  all indicators met at step {m['step']} ({m['minutes']} min): "
                          f"{json.dumps(m)}")
         else:
-            lines.append(f"  all five indicators not met in {steps} steps; last: {record.final}")
+            lines.append(f"  all indicators not met in {steps} steps; last: {record.final}")
+    for probe in record.probes:
+        lines.append(f"  probes of step {probe['checkpoint_step']}: {probe['stop_percent']}% "
+                     f"stop, inference diagonality {probe['inference_diagonality']} "
+                     f"({probe['minutes']} min)")
     return lines
 
 
 def main() -> None:
-    """Parse arguments, run both arms, print the comparison."""
+    """Parse arguments, run the arms, print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=Path("data/demo"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-alignment"))
     parser.add_argument("--cap-minutes", type=float, default=25.0)
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--arms", default="a,b", help="which arms to run: a, b or a,b")
+    parser.add_argument("--arms", default="a,b", help="comma-separated: a, b, r, w")
+    parser.add_argument("--real-data", type=Path, default=Path("data/ru-real"),
+                        help="recorded speech for arms r and w")
+    parser.add_argument("--real-config", type=Path, default=None,
+                        help="training config (TOML/YAML) of arms r and w")
+    parser.add_argument("--real-cap-minutes", type=float, default=30.0)
+    parser.add_argument("--real-eval-every", type=int, default=25)
     args = parser.parse_args()
+    arms = set(args.arms.split(","))
     setup_logging("WARNING")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"cap {args.cap_minutes} min per arm, validation every {args.eval_every} steps")
     records = {}
-    if "a" in args.arms:
+    if "a" in arms:
         records["a"] = run_arm("a-tiny", preset("tiny"), "all_met", args.data, args.out,
                                args.cap_minutes, args.eval_every)
-    if "b" in args.arms:
-        records["b"] = run_arm("b-nvidia-recipe", nvidia_recipe(preset("tiny")), "aligned",
-                               args.data, args.out, args.cap_minutes, args.eval_every)
+    if "b" in arms:
+        nvidia = nvidia_recipe(preset("tiny"))
+        nvidia.probes.enabled = False  # its goal is alignment alone
+        records["b"] = run_arm("b-nvidia-recipe", nvidia, "aligned", args.data, args.out,
+                               args.cap_minutes, args.eval_every)
+    if "r" in arms:
+        records["r"] = run_arm("r-real-speech", load_train_config(args.real_config),
+                               "all_met", args.real_data, args.out, args.real_cap_minutes,
+                               args.real_eval_every)
+    if "w" in arms:
+        source = args.out / "a-tiny"
+        if not (source / "checkpoints").is_dir():
+            parser.error(f"arm w warm-starts from arm a's run {source}: run arm a first")
+        records["w"] = run_arm("w-real-warm-start", load_train_config(args.real_config),
+                               "aligned", args.real_data, args.out, args.real_cap_minutes,
+                               args.real_eval_every, warm_start=source)
     print()
     for record in records.values():
         print("\n".join(describe(record, args.cap_minutes)))
@@ -146,7 +198,16 @@ def main() -> None:
             b_steps = len(records["b"].step_seconds)
             print(f"ratio of steps to diagonality > 0.7, (b)/(a): > {b_steps / a_steps:.2f} "
                   f"(lower bound: (b) did not align within its cap)")
+    if "r" in records and "w" in records:
+        r, w = records["r"].aligned, records["w"].aligned
+        if r and w:
+            print(f"warm start: diagonality > 0.7 at step {w['step']} ({w['minutes']} min) "
+                  f"vs {r['step']} ({r['minutes']} min) from scratch: "
+                  f"{r['step'] / w['step']:.2f}x fewer steps")
+        else:
+            print(f"warm start: aligned {w}, from scratch {r} (one did not align in its cap)")
     results = {name: {"aligned": r.aligned, "all_met": r.all_met, "final": r.final,
+                      "probes": r.probes,
                       "median_step_seconds": sorted(r.step_seconds)[len(r.step_seconds) // 2]
                       if r.step_seconds else None, "steps": len(r.step_seconds)}
                for name, r in records.items()}

@@ -38,6 +38,9 @@ def make_small_config() -> TrainConfig:
     cfg.run.eval_every = 5
     cfg.run.checkpoint_every = 5
     cfg.optim.warmup_steps = 2
+    # A free-running probe pass per checkpoint would add seconds to every test that
+    # trains; tests/test_probes.py turns them on where they are the subject.
+    cfg.probes.enabled = False
     return cfg
 
 
@@ -45,6 +48,17 @@ def make_small_config() -> TrainConfig:
 def small_config() -> TrainConfig:
     """A fresh ``make_small_config()`` for each test (tests change it freely)."""
     return make_small_config()
+
+
+@pytest.fixture
+def one_thread():
+    """Bitwise reproducibility across two runs needs a fixed reduction order."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

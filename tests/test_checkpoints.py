@@ -89,7 +89,8 @@ def test_manifest_records_each_checkpoint(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / MANIFEST_NAME).read_text(), parse_constant=float)
     entries = raw["checkpoints"]
     assert [e["file"] for e in entries] == [checkpoint_name(1), checkpoint_name(2)]
-    assert set(entries[0]) == {"file", "step", "sha256", "size", "healthy", "metrics", "created"}
+    assert set(entries[0]) == {"file", "step", "sha256", "size", "healthy", "metrics", "created",
+                               "probe_score"}
     # A NaN metric (the typical unhealthy checkpoint) survives a reload of the manifest.
     reopened = CheckpointManager(tmp_path)
     assert math.isnan(reopened.entries()[1].metrics["loss"])

@@ -84,6 +84,7 @@ def test_observer_counts_deltas_and_restarts_the_plateau_on_rollback() -> None:
         observer.on_step(FakeTrainer(), StepMetrics(  # type: ignore[arg-type]
             step=n, loss=objective, mel=0.1, mel_postnet=0.1, gate=0.1, guided_attention=0.0,
             objective=objective, grad_norm=2.0, lr=1e-3, guided_attention_weight=1.0,
+            gate_positive_weight=5.0,
             clip_threshold=1.0, step_seconds=0.1, finite=True, skipped_steps=skipped))
 
     step(1, 1.0, 0)
@@ -171,6 +172,11 @@ def test_alert_rules_use_the_plans_numbers() -> None:
     assert _threshold(rules["LossPlateau"]["expr"],
                       "smart_tuner_trainer_steps_since_loss_improved",
                       ">") == indicators.LOSS_PLATEAU_STEPS_RED_FLAG
+    inference = rules["InferenceNotStopping"]["expr"]
+    assert _threshold(inference, "smart_tuner_trainer_probes_stop_ratio",
+                      "<") == indicators.PROBES_STOP_OK / 100
+    assert _threshold(inference, "smart_tuner_alignment_diagonality",
+                      ">") == indicators.DIAGONALITY_OK
 
 
 def test_every_alert_is_labelled_and_described() -> None:

@@ -57,15 +57,6 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture
-def one_thread():
-    """Bitwise reproducibility across two runs needs a fixed reduction order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_is_exact(small_corpus, small_config, tmp_path, one_thread):
     straight = _trainer(small_config.model_copy(deep=True), small_corpus, tmp_path / "a")
     straight.train(max_steps=8)

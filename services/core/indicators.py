@@ -14,6 +14,10 @@ DIAGONALITY_OK = 0.7
 MAX_RESTARTS_OK = 0
 LOSS_OK = 1.0
 QUALITY_OK = 80.0
+# The sixth indicator, beyond the plan's five: the model speaks unseen text and stops.
+# Measured on the probe set (services/trainer/probes.py), free-running.
+PROBES_STOP_OK = 90.0  # % of probes whose gate fires by itself at a sane length
+INFERENCE_DIAGONALITY_OK = DIAGONALITY_OK  # median over the probes
 
 # Red flags (plan-ru.md, "RED FLAGS").
 GRAD_NORM_RED_FLAG = 100.0
@@ -28,8 +32,12 @@ DIAGONALITY = "diagonality"
 RESTARTS = "restarts"
 LOSS = "loss"
 QUALITY = "quality %"
+PROBES_STOP = "probes stop %"
+INFERENCE_DIAGONALITY = "inference diagonality"
 # The two that need an alignment report to be judged at all.
 ALIGNMENT_INDICATORS = frozenset({DIAGONALITY, QUALITY})
+# The two measures of the inference indicator: they need a probe pass.
+INFERENCE_INDICATORS = frozenset({PROBES_STOP, INFERENCE_DIAGONALITY})
 
 
 class Indicator(BaseModel):
@@ -66,6 +74,18 @@ def evaluate_indicators(
                   met=loss < LOSS_OK),
         Indicator(name=QUALITY, value=quality, threshold=QUALITY_OK, comparison=">",
                   met=quality > QUALITY_OK),
+    ]
+
+
+def evaluate_inference(stop_percent: float, median_diagonality: float) -> list[Indicator]:
+    """The inference indicator: share of probes that stop (%) and their median inference
+    diagonality. NaN (no probe pass yet) is never met."""
+    return [
+        Indicator(name=PROBES_STOP, value=stop_percent, threshold=PROBES_STOP_OK,
+                  comparison=">=", met=stop_percent >= PROBES_STOP_OK),
+        Indicator(name=INFERENCE_DIAGONALITY, value=median_diagonality,
+                  threshold=INFERENCE_DIAGONALITY_OK, comparison=">",
+                  met=median_diagonality > INFERENCE_DIAGONALITY_OK),
     ]
 
 

@@ -74,6 +74,8 @@ class MetricsMessage(Message):
     step_seconds: float = Field(ge=0)
     finite: bool
     skipped_steps: int = Field(ge=0)
+    # Optional: trainers before the gate knob existed did not send it.
+    gate_positive_weight: float | None = Field(default=None, gt=0)
 
 
 class AttentionSample(BaseModel):
@@ -171,9 +173,38 @@ class AlignmentReport(Message):
     worker: str = ""
 
 
+class ProbeFailure(BaseModel):
+    """One inference probe that did not stop at a sane length."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+    probe_id: str = Field(max_length=64)
+    kind: str = Field(max_length=64)
+    stopped: bool
+    length_ratio: FiniteOrNot
+    diagonality: FiniteOrNot
+
+
+class ProbeReport(BaseModel):
+    """The inference probes of one checkpoint: the data of a ``probes`` event."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+    checkpoint_step: int = Field(ge=0)
+    n: int = Field(ge=1)
+    stop_percent: float = Field(ge=0, le=100)
+    median_diagonality: FiniteOrNot
+    median_quality: FiniteOrNot
+    relative_wer: float | None = None
+    seconds: float = Field(ge=0)
+    failures: list[ProbeFailure] = Field(default_factory=list, max_length=64)
+
+
 CommandAction = Literal["set_lr", "set_guided_attention_weight", "set_grad_clip", "rollback",
-                        "checkpoint_now", "pause", "resume", "stop"]
-VALUE_ACTIONS = frozenset({"set_lr", "set_guided_attention_weight", "set_grad_clip"})
+                        "checkpoint_now", "pause", "resume", "stop",
+                        "set_gate_positive_weight"]
+VALUE_ACTIONS = frozenset({"set_lr", "set_guided_attention_weight", "set_grad_clip",
+                           "set_gate_positive_weight"})
 CommandSource = Literal["tuner", "bot", "api", "test"]
 MAX_NOTE_CHARS = 280
 
@@ -255,7 +286,7 @@ class ActionRecord(Message):
 
 EventKind = Literal["run_started", "checkpoint_saved", "restart", "red_flag", "recovered",
                     "indicators_met", "paused", "resumed", "finished", "stopped",
-                    "events_dropped", "critical"]
+                    "events_dropped", "critical", "probes"]
 Severity = Literal["info", "warning", "critical"]
 
 
@@ -268,6 +299,16 @@ class Event(Message):
     step: int | None = Field(default=None, ge=0)
     detail: str = Field(default="", max_length=4000)
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+def probe_report(event: Event) -> ProbeReport | None:
+    """The report a ``probes`` event carries; None for any other event or malformed data."""
+    if event.event != "probes":
+        return None
+    try:
+        return ProbeReport.model_validate(event.data)
+    except ValidationError:
+        return None
 
 
 SCHEMAS: dict[Stream, type[Message]] = {

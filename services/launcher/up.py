@@ -125,12 +125,26 @@ def notifier_configured(env: Mapping[str, str]) -> bool:
     return True
 
 
-def up(data: Path, out: Path, run_id: str, preset: str = "tiny", api_port: int = 8000,
+def trainer_command(python: str, data: Path, out: Path, run_id: str,
+                    train_args: Sequence[str] = ()) -> list[str]:
+    """The supervised trainer's command line.
+
+    Every start resumes from the run's last good checkpoint, so a restart after a crash
+    continues the run (and a --warm-start in ``train_args`` applies only to the first start
+    that has no checkpoint yet); ``train_args`` are further ``train`` options.
+    """
+    return [python, "-m", "services.cli", "train", "--data", str(data), "--out", str(out),
+            "--run-id", run_id, "--resume", "--resume-from", "last_good", *train_args]
+
+
+def up(data: Path, out: Path, run_id: str, api_port: int = 8000,
        worker_concurrency: int = 1, train_args: Sequence[str] = (),
        redis_url: str | None = None, notifier: bool = False,
        observability: bool = False) -> int:
     """Run everything until the trainer finishes, gives up, or Ctrl-C; returns its exit code.
 
+    ``train_args``: ``train`` options for the trainer (the preset among them), see
+    ``trainer_command``.
     ``notifier``: also start the Telegram notifier (check ``notifier_configured`` first).
     ``observability``: every service serves metrics, and Prometheus (the project's alert
     rules) and Alertmanager (to the notifier) run beside them.
@@ -170,9 +184,7 @@ def up(data: Path, out: Path, run_id: str, preset: str = "tiny", api_port: int =
         launcher.spawn("control API", [
             python, "-m", "uvicorn", "--factory", "services.tuner.api:create_app_from_settings",
             "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"])
-        command = [python, "-m", "services.cli", "train", "--data", str(data), "--out",
-                   str(out), "--preset", preset, "--run-id", run_id, "--resume",
-                   "--resume-from", "last_good", *train_args]
+        command = trainer_command(python, data, out, run_id, train_args)
 
         def give_up(policy: RestartPolicy) -> None:
             critical_event(redis.url, run_id,

@@ -71,6 +71,9 @@ class CheckpointInfo(BaseModel):
     healthy: bool
     metrics: dict[str, float] = Field(default_factory=dict)
     created: datetime
+    # How well it speaks unseen text (services/trainer/probes.py ProbeSummary.score),
+    # recorded when its probe pass finishes; None until then, or with probes off.
+    probe_score: float | None = None
 
 
 class _Manifest(BaseModel):
@@ -171,14 +174,23 @@ def _validate(path: Path, info: CheckpointInfo) -> dict[str, Any]:
     return state
 
 
-def _kept_steps(healthy_by_step: dict[int, bool], keep_last: int) -> set[int]:
-    """The newest ``keep_last`` steps plus the newest healthy one (the roll-back target)."""
+def _kept_steps(healthy_by_step: dict[int, bool], keep_last: int,
+                probe_scores: dict[int, float] | None = None) -> set[int]:
+    """The newest ``keep_last`` steps, the newest healthy one (the roll-back target) and
+    the best-speaking one (highest probe score, newest on a tie)."""
     newest_first = sorted(healthy_by_step, reverse=True)
     kept = set(newest_first[:keep_last])
     last_good = next((step for step in newest_first if healthy_by_step[step]), None)
     if last_good is not None:
         kept.add(last_good)
+    if probe_scores:
+        kept.add(max(probe_scores, key=lambda step: (probe_scores[step], step)))
     return kept
+
+
+def _probe_scores(entries: dict[int, CheckpointInfo]) -> dict[int, float]:
+    return {step: entry.probe_score for step, entry in entries.items()
+            if entry.probe_score is not None}
 
 
 class CheckpointManager:
@@ -231,7 +243,8 @@ class CheckpointManager:
             created=datetime.now(UTC),
         )
         candidates = {**self._entries, step: info}
-        kept = _kept_steps({s: e.healthy for s, e in candidates.items()}, self.keep_last)
+        kept = _kept_steps({s: e.healthy for s, e in candidates.items()}, self.keep_last,
+                           _probe_scores(candidates))
         self._entries = {s: e for s, e in candidates.items() if s in kept}
         # Manifest first, deletions after: a crash in between leaves stray files, which the
         # next construction adopts and the next save prunes, never entries without files.
@@ -244,6 +257,26 @@ class CheckpointManager:
     def latest(self) -> LoadedCheckpoint | None:
         """The newest checkpoint that passes validation, or None; damaged ones are skipped."""
         return self._first_valid(self.entries())
+
+    def record_probe_score(self, step: int, score: float, unhealthy: bool = False) -> bool:
+        """Note how checkpoint ``step`` speaks (``unhealthy``: it may no longer serve as the
+        rollback target); False when it was pruned meanwhile."""
+        entry = self._entries.get(step)
+        if entry is None:
+            return False
+        update: dict[str, Any] = {"probe_score": score}
+        if unhealthy:
+            update["healthy"] = False
+        self._entries[step] = entry.model_copy(update=update)
+        self._write_manifest()
+        return True
+
+    def best(self) -> LoadedCheckpoint | None:
+        """The valid checkpoint that speaks unseen text best (highest probe score, newest
+        on a tie); None when no checkpoint has a probe score."""
+        scored = [entry for entry in self.entries() if entry.probe_score is not None]
+        scored.sort(key=lambda entry: (entry.probe_score, entry.step))
+        return self._first_valid(scored)
 
     def last_good(self) -> LoadedCheckpoint | None:
         """The newest healthy checkpoint that passes validation, or None."""
@@ -355,6 +388,81 @@ class CheckpointManager:
         manifest = _Manifest(checkpoints=self.entries())
         text = manifest.model_dump_json(indent=2).encode()
         _atomic_write(self.manifest_path, lambda fh: fh.write(text))
+
+
+# The checkpoint folder inside a run folder (the Trainer's, as training.CHECKPOINT_DIR).
+RUN_CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def _entries_on_disk(folder: Path) -> dict[int, CheckpointInfo]:
+    """The manifest's entries whose files exist, plus unlisted files as not healthy.
+
+    What CheckpointManager's construction reconciles, without writing anything.
+    """
+    listed: dict[int, CheckpointInfo] = {}
+    manifest = folder / MANIFEST_NAME
+    if manifest.exists():
+        try:
+            entries = _Manifest.model_validate_json(manifest.read_bytes()).checkpoints
+            listed = {entry.step: entry for entry in entries}
+        except (OSError, ValidationError) as exc:
+            logger.warning("manifest %s is unreadable (%s); all its checkpoints count as not "
+                           "healthy", manifest, _first_line(exc))
+    found: dict[int, CheckpointInfo] = {}
+    for path in folder.iterdir():
+        step = _step_of(path.name)
+        if step is not None and path.is_file():
+            found[step] = listed.get(step) or CheckpointManager._unlisted_info(path)
+    return found
+
+
+def load_checkpoint(path: Path | str, best: bool = False) -> LoadedCheckpoint:
+    """A checkpoint file, or the newest valid one when ``path`` is a run or checkpoint folder
+    (with ``best``, the one whose inference probes scored best; FileNotFoundError when no
+    checkpoint there has a probe score).
+
+    Read-only: a CheckpointManager removes temp files and rewrites the manifest of its
+    folder, which would break a run that is still writing there; this touches nothing, so
+    it is safe on a live run (synthesis, warm start). In a folder a damaged checkpoint is
+    skipped with a warning; a damaged file named directly raises CheckpointError.
+    """
+    path = Path(path)
+    if path.is_dir():
+        folder = (path / RUN_CHECKPOINT_SUBDIR if (path / RUN_CHECKPOINT_SUBDIR).is_dir()
+                  else path)
+        entries = _entries_on_disk(folder)
+        order = sorted(entries, reverse=True)
+        if best:
+            scores = _probe_scores(entries)
+            if not scores:
+                raise FileNotFoundError(f"no checkpoint in {folder} has probe scores (the "
+                                        "run had probes off, or none finished yet)")
+            order = sorted(scores, key=lambda s: (scores[s], s), reverse=True)
+        for step in order:
+            try:
+                return LoadedCheckpoint(info=entries[step],
+                                        state=_validate(folder / entries[step].file,
+                                                        entries[step]))
+            except CheckpointError as exc:
+                logger.warning("skipping checkpoint %s: %s; trying an older one",
+                               folder / entries[step].file, exc)
+        raise FileNotFoundError(f"no valid checkpoint in {folder}")
+    if best:
+        raise ValueError(f"{path}: --best picks among a run's checkpoints: give its folder")
+    try:
+        if not path.is_file():
+            raise CheckpointError("missing")
+        step = _step_of(path.name)
+        info = _entries_on_disk(path.parent).get(step) if step is not None else None
+        info = info or CheckpointManager._unlisted_info(path)
+        state = _validate(path, info)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    saved_step = state["step"]
+    if step is None and isinstance(saved_step, int) and saved_step >= 0:
+        # A file name of someone else's carries no step; the state's own is the record.
+        info = info.model_copy(update={"step": saved_step})
+    return LoadedCheckpoint(info=info, state=state)
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -9,12 +9,15 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from services.core.settings import get_settings
 
 console = Console()
 
+DATA_CHECK_JSON = "data-check.json"  # written into the run folder at the start of a run
+DATA_CHECK_PNG = "data-check.png"
 SIGNAL_ECHO_S = 2.0  # torchrun passes a Ctrl-C on to workers that already got it
 
 
@@ -66,15 +69,25 @@ def corpus(
 def train(
     data: Annotated[Path, typer.Option(help="LJSpeech-layout folder (metadata.csv, wavs/)")],
     out: Annotated[Path, typer.Option(help="run folder: checkpoints, plots, metrics")],
-    preset: Annotated[str, typer.Option(help="model/optimisation preset: tiny or base")]
-    = "tiny",
+    config: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False,
+        help="TOML or YAML run config: a preset plus sections (audio, model, optim, run...) "
+             "that override it (e.g. config/recipes/ru-real.toml); flags override the file")]
+    = None,
+    preset: Annotated[str | None, typer.Option(
+        help="model/optimisation preset: tiny or base (default: the config file's, else "
+             "tiny)")] = None,
     max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="stop after this wall time")]
     = None,
     until_indicators: Annotated[bool, typer.Option(
-        help="stop as soon as all five success indicators are met")] = False,
+        help="stop as soon as all success indicators are met: the plan's five and, with "
+             "probes on, the inference one")] = False,
     resume: Annotated[bool, typer.Option(help="continue from the newest valid checkpoint")]
     = False,
+    data_check: Annotated[bool, typer.Option(
+        help="check the corpus first (as check-data) when the run folder has no checkpoint "
+             "yet; errors (missing or unreadable audio) stop the run")] = True,
     eval_every: Annotated[int | None, typer.Option(help="validate every N steps")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="checkpoint every N steps")]
     = None,
@@ -84,8 +97,27 @@ def train(
         help="utterances held out as the fixed validation batch")] = None,
     lr: Annotated[float | None, typer.Option(help="override the preset's learning rate")]
     = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="LR warm-up steps")] = None,
+    ga_weight: Annotated[float | None, typer.Option(
+        help="guided attention loss weight (optim.guided_attention_weight)")] = None,
+    ga_sigma: Annotated[float | None, typer.Option(
+        help="guided attention width (optim.guided_attention_sigma)")] = None,
+    gate_pos_weight: Annotated[float | None, typer.Option(
+        help="weight of the stop-token positives (optim.gate_positive_weight)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of init, shuffling and the split")]
+    = None,
+    amp: Annotated[bool | None, typer.Option(
+        help="fp16 autocast + GradScaler (CUDA only); default: the config's")] = None,
+    warm_start: Annotated[Path | None, typer.Option(
+        exists=True,
+        help="start from the weights of this checkpoint file or run folder (fresh optimizer, "
+             "step 0); ignored when resuming from this run's own checkpoint")] = None,
+    ignore_layers: Annotated[str | None, typer.Option(
+        help="with --warm-start: comma-separated layer names kept at their fresh init, "
+             "e.g. embedding,decoder.projection")] = None,
     run_id: Annotated[str | None, typer.Option(help="name of the run on the bus")] = None,
-    resume_from: Annotated[str, typer.Option(help="latest or last_good checkpoint")]
+    resume_from: Annotated[str, typer.Option(
+        help="latest, last_good, or best (the checkpoint that spoke the probes best)")]
     = "latest",
     inject_fault: Annotated[str | None, typer.Option(
         help="e.g. grad_spike:start=20,steps=30,factor=1000 (also nan_grad, nan_loss, crash)")]
@@ -95,6 +127,7 @@ def train(
 ) -> None:
     """Train Tacotron2; prints a verdict on the plan's five success indicators at the end.
 
+    The config is the preset, then --config's sections, then the flags (lowest first).
     Under torchrun (``torchrun --nproc_per_node=N -m services.cli train ...``) every worker
     runs this with the same options: DDP, one shard of the batches per rank; rank 0 alone
     writes --out, publishes telemetry, reads commands and serves the metrics port.
@@ -102,36 +135,42 @@ def train(
     import torch
 
     from services.trainer import distributed
-    from services.trainer.config import preset as load_preset
+    from services.trainer.config import flag_overrides, load_train_config, record_config_file
     from services.trainer.faults import FaultPlan
     from services.trainer.training import Trainer
+    from services.trainer.warm_start import WarmStartError, parse_ignore_layers
 
     settings = get_settings()
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
-    cfg = load_preset(preset)
-    if eval_every:
-        cfg.run.eval_every = eval_every
-    if checkpoint_every:
-        cfg.run.checkpoint_every = checkpoint_every
-    if batch_size:
-        cfg.run.batch_size = batch_size
-    if val_size:
-        cfg.run.val_size = val_size
-    if lr:
-        cfg.optim.learning_rate = lr
-    cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate the overridden fields
+    flags = {"lr": lr, "warmup_steps": warmup_steps, "ga_weight": ga_weight,
+             "ga_sigma": ga_sigma, "gate_pos_weight": gate_pos_weight, "amp": amp,
+             "batch_size": batch_size, "val_size": val_size, "eval_every": eval_every,
+             "checkpoint_every": checkpoint_every, "seed": seed}
+    try:
+        cfg = load_train_config(config, preset, flag_overrides(flags))
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     try:
         fault = FaultPlan.parse(inject_fault) if inject_fault else None
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--inject-fault") from None
     # A no-op without torchrun's environment; under it, joins the process group.
     placement = distributed.init_from_env(settings.device)
+    if data_check and placement.is_main and not _has_checkpoints(out):
+        _check_data_before_training(data, out, cfg.text.language)
     link = None
     finished = False
     try:
-        trainer = Trainer(cfg, data, out, resume=resume, device=settings.device,
-                          run_id=run_id, resume_from=resume_from, fault=fault)
+        try:
+            trainer = Trainer(cfg, data, out, resume=resume, device=settings.device,
+                              run_id=run_id, resume_from=resume_from, fault=fault,
+                              warm_start=warm_start,
+                              ignore_layers=parse_ignore_layers(ignore_layers))
+        except WarmStartError as error:
+            raise typer.BadParameter(str(error), param_hint="--warm-start") from None
+        if config is not None and placement.is_main:
+            record_config_file(config, out)  # as written; config.json is the resolved one
         _stop_on_signals(trainer, SIGNAL_ECHO_S if placement.distributed else 0.0)
         if telemetry and settings.redis_url:
             from services.trainer.link import attach
@@ -151,6 +190,32 @@ def train(
         print_summary(summary)
     if not summary["all_indicators_met"]:
         raise typer.Exit(code=2 if until_indicators else 0)
+
+
+def _has_checkpoints(out: Path) -> bool:
+    from services.trainer.checkpoints import MANIFEST_NAME, RUN_CHECKPOINT_SUBDIR
+
+    return (out / RUN_CHECKPOINT_SUBDIR / MANIFEST_NAME).exists()
+
+
+def _check_data_before_training(data: Path, out: Path, language: str) -> None:
+    """The data check of a fresh run: printed, saved in the run folder, fatal on errors."""
+    from services.trainer.datacheck import check_dataset, plot_report, print_report
+    from services.trainer.dataset import MetadataError
+
+    try:
+        report = check_dataset(data, language=language)
+    except (FileNotFoundError, MetadataError) as error:
+        console.print(f"[red]{escape(str(error))}[/red]")
+        raise typer.Exit(code=1) from None
+    print_report(report, console, max_rows=5)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DATA_CHECK_JSON).write_text(report.model_dump_json(indent=1))
+    plot_report(report, out / DATA_CHECK_PNG)
+    if report.has_errors:
+        console.print(f"[red]{data}: fix the errors above (or train with --no-data-check)"
+                      "[/red]")
+        raise typer.Exit(code=1)
 
 
 def _serve_metrics(trainer, link) -> None:
@@ -225,11 +290,20 @@ def synthesize(
     out: Annotated[Path, typer.Option(help="wav file to write")] = Path("out.wav"),
     language: Annotated[str, typer.Option(help="auto, en or ru")] = "auto",
     seed: Annotated[int, typer.Option(help="seed for the prenet dropout")] = 0,
+    best: Annotated[bool, typer.Option(
+        help="the run's checkpoint that spoke the inference probes best, not the newest")]
+    = False,
 ) -> None:
     """Synthesise speech (Griffin-Lim) and plot the inference alignment next to the wav."""
     from services.trainer.synthesis import Synthesizer
 
-    result, plot = Synthesizer(checkpoint).to_files(text, out, language, seed)
+    try:
+        synthesizer = Synthesizer(checkpoint, best=best)
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(code=1) from None
+    console.print(f"checkpoint at step {synthesizer.step}")
+    result, plot = synthesizer.to_files(text, out, language, seed)
     seconds = len(result.wav) / result.sample_rate
     console.print(f"wrote {out} ({seconds:.2f} s) and {plot}; "
                   f"gate {'stopped' if result.stopped else 'did NOT stop (step limit)'}; "
@@ -237,8 +311,64 @@ def synthesize(
                   f"quality {result.scores['quality']:.0f}%")
 
 
+def check_data(
+    data: Annotated[Path, typer.Option(help="LJSpeech-layout folder (metadata.csv, wavs/)")],
+    plot: Annotated[Path | None, typer.Option(
+        help="histogram PNG to write (default: <data>/data-check.png)")] = None,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="also write the whole report as JSON here")] = None,
+    max_rows: Annotated[int, typer.Option(min=1, help="problems listed per kind")] = 10,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="run folder or checkpoint file: also list utterances whose teacher-forced "
+             "alignment stays poor")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="batch size of the scoring pass")]
+    = 16,
+) -> None:
+    """Check a corpus before training: missing or broken audio, clipping, long silences,
+    unknown characters, transcripts that do not fit their audio. Exits 1 on errors."""
+    from services.trainer.datacheck import (
+        PLOT_FILE,
+        alignment_section,
+        check_dataset,
+        plot_report,
+        print_report,
+        score_utterances,
+        usable_ids,
+    )
+    from services.trainer.dataset import MetadataError
+
+    try:
+        report = check_dataset(data)
+    except (FileNotFoundError, MetadataError) as error:
+        console.print(f"[red]{escape(str(error))}[/red]")
+        raise typer.Exit(code=1) from None
+    if checkpoint is not None:
+        import torch
+
+        from services.trainer.training import resolve_device
+
+        settings = get_settings()
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        scores = score_utterances(checkpoint, data, usable_ids(report), batch_size,
+                                  device=str(resolve_device(settings.device)))
+        if scores:
+            report = report.model_copy(
+                update={"alignment": alignment_section(scores, str(checkpoint))})
+    print_report(report, console, max_rows=max_rows)
+    written = plot_report(report, plot or data / PLOT_FILE)
+    console.print(f"histograms: {written}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(report.model_dump_json(indent=1))
+        console.print(f"report: {json_path}")
+    if report.has_errors:
+        raise typer.Exit(code=1)
+
+
 def register(app: typer.Typer) -> None:
     """Attach the trainer's commands to the top-level CLI."""
     app.command()(corpus)
     app.command()(train)
     app.command()(synthesize)
+    app.command("check-data")(check_data)

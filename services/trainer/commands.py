@@ -189,6 +189,9 @@ class CommandHandler:
             case "set_grad_clip":
                 before, after = trainer.set_grad_clip(value, source)
                 return reply("applied", "clip threshold set", before, after)
+            case "set_gate_positive_weight":
+                before, after = trainer.set_gate_positive_weight(value, source)
+                return reply("applied", "gate positive weight set", before, after)
             case "rollback":
                 step = trainer.step
                 info = trainer.rollback(source)

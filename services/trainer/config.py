@@ -2,13 +2,26 @@
 
 Every run writes its resolved config next to its checkpoints, and a checkpoint carries
 it too, so a resumed or synthesised run always sees the sizes it was trained with.
+
+A whole run can be stated in one file (TOML or YAML, ``load_train_config``)::
+
+    preset = "tiny"          # the starting point
+    [optim]                  # each section overrides only the fields it names
+    guided_attention_weight = 2.0
+
+Precedence, lowest first: the preset, the file's sections, command-line flags.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import shutil
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Strict(BaseModel):
@@ -134,6 +147,18 @@ class TextConfig(_Strict):
     stress: Literal["keep", "drop"] = "keep"
 
 
+class ProbeConfig(_Strict):
+    """Inference probes at every checkpoint (services/trainer/probes.py)."""
+
+    # Off: the verdict is the plan's five teacher-forced indicators alone.
+    enabled: bool = True
+    # In a background thread on a copy of the model; off runs them inside the loop
+    # (deterministic timing, for tests and benchmarks that must not race).
+    background: bool = True
+    # English probes get a word error rate from an offline recogniser, when installed.
+    wer: bool = True
+
+
 class TrainConfig(_Strict):
     """Everything a run needs besides its data and output folder."""
 
@@ -143,6 +168,7 @@ class TrainConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    probes: ProbeConfig = Field(default_factory=ProbeConfig)
 
 
 def _tiny() -> TrainConfig:
@@ -201,3 +227,138 @@ def preset(name: str) -> TrainConfig:
         return PRESETS[name]()
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+DEFAULT_PRESET = "tiny"
+PRESET_KEY = "preset"
+CONFIG_FORMATS = {".toml": "toml", ".yaml": "yaml", ".yml": "yaml"}
+# Where `smart-tuner train` keeps a copy of the user's file: ``train-config.<ext>``.
+CONFIG_COPY_STEM = "train-config"
+COMMAND_LINE = "command line"
+
+# `smart-tuner train` option (parameter name) -> the config field it overrides. `up` uses
+# the same table to check a run's config before it starts any service.
+FLAG_FIELDS: dict[str, str] = {
+    "lr": "optim.learning_rate",
+    "warmup_steps": "optim.warmup_steps",
+    "ga_weight": "optim.guided_attention_weight",
+    "ga_sigma": "optim.guided_attention_sigma",
+    "gate_pos_weight": "optim.gate_positive_weight",
+    "amp": "optim.amp",
+    "batch_size": "run.batch_size",
+    "val_size": "run.val_size",
+    "eval_every": "run.eval_every",
+    "checkpoint_every": "run.checkpoint_every",
+    "seed": "run.seed",
+}
+
+
+class TrainConfigError(ValueError):
+    """A training config that cannot be used; the message names the source and field."""
+
+
+def flag_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted config paths for the ``FLAG_FIELDS`` options that were given (not None)."""
+    return {FLAG_FIELDS[name]: value for name, value in values.items()
+            if name in FLAG_FIELDS and value is not None}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The raw mapping of a TOML or YAML training config; TrainConfigError names the file."""
+    path = Path(path)
+    kind = CONFIG_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise TrainConfigError(f"{path}: unknown config format {path.suffix!r}; use one of "
+                               f"{', '.join(CONFIG_FORMATS)}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TrainConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise TrainConfigError(f"{path}: cannot read config: {error}") from error
+    try:
+        raw = tomllib.loads(text) if kind == "toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise TrainConfigError(f"{path}: not valid {kind.upper()}: {error}") from error
+    if raw is None:  # an empty YAML file: the preset as it is
+        return {}
+    if not isinstance(raw, dict):
+        raise TrainConfigError(f"{path}: expected a mapping at the top level, got "
+                               f"{type(raw).__name__}")
+    return raw
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` laid over it; nested mappings merge key by key."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"optim.learning_rate": x}`` -> ``{"optim": {"learning_rate": x}}``."""
+    nested: dict[str, Any] = {}
+    for path, value in dotted.items():
+        *parents, leaf = path.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _validate(data: dict[str, Any], source: str) -> TrainConfig:
+    """TrainConfig from ``data``; TrainConfigError lists ``source: field.path: problem``."""
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        lines = []
+        for item in error.errors():
+            field = ".".join(str(part) for part in item["loc"]) or "<root>"
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {field}: {message[:1].lower()}{message[1:]}")
+        raise TrainConfigError("; ".join(lines)) from None
+
+
+def load_train_config(path: Path | None = None, preset_name: str | None = None,
+                      overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Resolve a run's config: preset, then the file's sections, then ``overrides``.
+
+    ``path``: an optional TOML/YAML file: ``preset = ...`` plus sections named as
+    TrainConfig's fields (``[audio]``, ``[model]``, ``[optim]``, ``[run]``...), each
+    overriding only the fields it names.
+    ``preset_name``: given explicitly (a flag), it wins over the file's ``preset``; with
+    neither, ``DEFAULT_PRESET``. ``overrides``: dotted field paths (``"optim.amp"``) or
+    nested mappings, applied last (see ``flag_overrides``). Raises TrainConfigError (a
+    ValueError) naming the file or the command line and the field path, e.g.
+    ``runs.toml: optim.learning_rat: extra inputs are not permitted``.
+    """
+    raw = read_config_file(path) if path is not None else {}
+    source = str(path) if path is not None else COMMAND_LINE
+    file_preset = raw.pop(PRESET_KEY, None)
+    if file_preset is not None and not isinstance(file_preset, str):
+        raise TrainConfigError(f"{source}: {PRESET_KEY}: expected a preset name, got "
+                               f"{file_preset!r}")
+    name = preset_name or file_preset or DEFAULT_PRESET
+    try:
+        base = preset(name)
+    except ValueError as error:
+        origin = source if preset_name is None and file_preset is not None else COMMAND_LINE
+        raise TrainConfigError(f"{origin}: {PRESET_KEY}: {error}") from None
+    # Validated per layer, so an error names the layer that caused it.
+    cfg = _validate(_deep_merge(base.model_dump(), raw), source) if raw else base
+    if overrides:
+        cfg = _validate(_deep_merge(cfg.model_dump(), _nest(dict(overrides))), COMMAND_LINE)
+    return cfg
+
+
+def record_config_file(path: Path, run_dir: Path) -> Path:
+    """Copy the user's config file into the run folder as ``train-config.<ext>``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / f"{CONFIG_COPY_STEM}{Path(path).suffix.lower()}"
+    shutil.copyfile(path, target)
+    return target

@@ -76,14 +76,15 @@ def _report(header: str, problems: list[str]) -> str:
     return f"{header} ({len(problems)}):\n{shown}{tail}"
 
 
-def read_metadata(data_dir: str | Path) -> list[Utterance]:
+def read_metadata(data_dir: str | Path, require_audio: bool = True) -> list[Utterance]:
     """Parse ``data_dir/metadata.csv`` (``id|text|normalized_text`` per line, utf-8).
 
     The third field may be absent or empty, in which case ``text`` is used. Fields are split on
     ``|`` literally: LJSpeech texts contain quotes, so CSV quoting rules would corrupt them.
     Audio is expected at ``data_dir/wavs/<id>.wav``. Raises ``FileNotFoundError`` when the file
     is missing and ``MetadataError`` listing every bad line (field count, empty id or text,
-    duplicate id) or else every missing wav, each with its line number.
+    duplicate id) or else every missing wav, each with its line number (``require_audio=False``
+    returns utterances whose wav is missing too: the data check reports them itself).
     """
     data_dir = Path(data_dir)
     meta_path = data_dir / METADATA_FILE
@@ -136,7 +137,7 @@ def read_metadata(data_dir: str | Path) -> list[Utterance]:
     missing = [
         f"{meta_path}:{line_of[u.id]}: {u.wav_path}" for u in utterances if not u.wav_path.is_file()
     ]
-    if missing:
+    if missing and require_audio:
         raise MetadataError(_report("missing wav files", missing))
     return utterances
 

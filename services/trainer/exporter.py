@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from services.core.bus import PublisherStats
 from services.core.metrics import DeadLetterCounter, port_from_env
 from services.core.plateau import PlateauClock
+from services.trainer.probes import ProbeSummary
 from services.trainer.training import StepMetrics, Trainer, TrainingObserver
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,16 @@ class TrainerMetrics:
                                "Telemetry dropped because the buffer overflowed", ["run"],
                                registry=r)
         self.dead_letters = DeadLetterCounter(r, DEAD_LETTER_CONSUMER)
+        # The inference indicator, from the probes of the newest probed checkpoint.
+        self.probes_stop = Gauge("smart_tuner_trainer_probes_stop_ratio",
+                                 "Share of inference probes whose gate stops at a sane length",
+                                 ["run"], registry=r)
+        self.probes_diagonality = Gauge("smart_tuner_trainer_probes_inference_diagonality",
+                                        "Median free-running diagonality over the probes",
+                                        ["run"], registry=r)
+        self.probes_step = Gauge("smart_tuner_trainer_probes_checkpoint_step",
+                                 "Step of the checkpoint the probe figures are from",
+                                 ["run"], registry=r)
 
 
 class PrometheusObserver(TrainingObserver):
@@ -135,6 +146,13 @@ class PrometheusObserver(TrainingObserver):
                 series.dropped.labels(run).inc(stats.dropped - self._dropped)
                 self._dropped = stats.dropped
             series.dead_letters.sync(dead)
+
+    def on_probes(self, trainer: Trainer, summary: ProbeSummary) -> None:
+        """The inference indicator's two numbers and the checkpoint they are from."""
+        run = self.run_id
+        self.metrics.probes_stop.labels(run).set(summary.stop_share)
+        self.metrics.probes_diagonality.labels(run).set(summary.median_diagonality)
+        self.metrics.probes_step.labels(run).set(summary.step)
 
     def on_lifecycle(self, trainer: Trainer, event: str, detail: str,
                      data: dict[str, Any]) -> None:

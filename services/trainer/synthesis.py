@@ -12,7 +12,7 @@ from services.diagnostics.metrics import alignment_scores
 from services.diagnostics.plots import plot_alignment
 from services.trainer import text as text_frontend
 from services.trainer.audio import griffin_lim, save_wav
-from services.trainer.checkpoints import CheckpointManager, LoadedCheckpoint
+from services.trainer.checkpoints import load_checkpoint
 from services.trainer.config import TrainConfig
 from services.trainer.model import Tacotron2
 
@@ -28,44 +28,54 @@ class Synthesis:
     stopped: bool  # the gate fired before the step limit
     scores: dict[str, float]
     normalized_text: str
-
-
-def load_checkpoint(path: Path) -> LoadedCheckpoint:
-    """A checkpoint file, or the newest valid one when ``path`` is a run or checkpoint folder."""
-    path = Path(path)
-    if path.is_dir():
-        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        loaded = CheckpointManager(folder).latest()
-        if loaded is None:
-            raise FileNotFoundError(f"no valid checkpoint in {folder}")
-        return loaded
-    return CheckpointManager(path.parent).load(path)
+    n_symbols: int  # encoded length, EOS included
 
 
 class Synthesizer:
-    """Holds a model restored from a checkpoint, ready to speak."""
+    """Holds a model restored from a checkpoint (or handed over in memory), ready to speak."""
 
-    def __init__(self, checkpoint: Path, device: str = "cpu"):
-        loaded = load_checkpoint(checkpoint)
-        state = loaded.state
-        self.cfg = TrainConfig.model_validate(state["config"])
+    def __init__(self, checkpoint: Path, device: str = "cpu", best: bool = False):
+        state = load_checkpoint(checkpoint, best=best).state
+        cfg = TrainConfig.model_validate(state["config"])
+        model = Tacotron2(cfg.model, cfg.audio.n_mels)
+        model.load_state_dict(state["model"])
+        self._setup(model, cfg, state["mel_mean"], state["mel_std"], int(state["step"]),
+                    device)
+
+    @classmethod
+    def from_model(cls, model: Tacotron2, cfg: TrainConfig, mel_mean: np.ndarray,
+                   mel_std: np.ndarray, step: int, device: str = "cpu") -> Synthesizer:
+        """A synthesizer around a model already in memory (the trainer's probe copy)."""
+        synthesizer = cls.__new__(cls)
+        synthesizer._setup(model, cfg, mel_mean, mel_std, step, device)
+        return synthesizer
+
+    def _setup(self, model: Tacotron2, cfg: TrainConfig, mel_mean: np.ndarray,
+               mel_std: np.ndarray, step: int, device: str) -> None:
+        self.cfg = cfg
         self.device = torch.device(device)
-        self.model = Tacotron2(self.cfg.model, self.cfg.audio.n_mels).to(self.device).eval()
-        self.model.load_state_dict(state["model"])
-        self.mean = torch.as_tensor(state["mel_mean"]).float().unsqueeze(1)
-        self.std = torch.as_tensor(state["mel_std"]).float().unsqueeze(1)
-        self.step = int(state["step"])
+        self.model = model.to(self.device).eval()
+        self.mean = torch.as_tensor(np.asarray(mel_mean)).float().unsqueeze(1)
+        self.std = torch.as_tensor(np.asarray(mel_std)).float().unsqueeze(1)
+        self.step = step
         # A model trained before the stress symbol existed has no row for it: its text
         # is encoded without stress marks, as it was trained.
-        self.stress = (self.cfg.text.stress == "keep"
-                       and self.cfg.model.n_symbols > text_frontend.STRESS_ID)
+        self.stress = (cfg.text.stress == "keep"
+                       and cfg.model.n_symbols > text_frontend.STRESS_ID)
 
-    def synthesize(self, text: str, language: str = "auto", seed: int = 0) -> Synthesis:
-        """Speak ``text``; ``seed`` fixes the prenet dropout so output is reproducible."""
+    @torch.no_grad()
+    def synthesize(self, text: str, language: str = "auto", seed: int = 0,
+                   max_decoder_steps: int | None = None, vocode: bool = True) -> Synthesis:
+        """Speak ``text``; ``seed`` fixes the prenet dropout so output is reproducible.
+
+        ``max_decoder_steps`` caps the free run below the model's own limit;
+        ``vocode=False`` skips Griffin-Lim (``wav`` is then empty) when only the mel,
+        the alignment and the stop matter.
+        """
         encoded = text_frontend.text_to_sequence(text, language, self.stress)
         ids = torch.tensor([encoded.ids], dtype=torch.long, device=self.device)
         torch.manual_seed(seed)
-        output = self.model.infer(ids)
+        output = self.model.infer(ids, max_decoder_steps=max_decoder_steps)
         frames = int(output.output_lengths[0])
         mel = output.mel_postnet[0, :, :frames].cpu()
         r = self.cfg.model.n_frames_per_step
@@ -75,10 +85,11 @@ class Synthesizer:
         alignment = output.alignments[0].cpu().numpy()
         scores = alignment_scores(alignment[None], np.array([len(encoded.ids)]),
                                   np.array([(frames + r - 1) // r]))
-        wav = griffin_lim(mel * self.std + self.mean, self.cfg.audio)
+        wav = (griffin_lim(mel * self.std + self.mean, self.cfg.audio) if vocode
+               else np.zeros(0, dtype=np.float32))
         return Synthesis(wav=wav, sample_rate=self.cfg.audio.sample_rate, mel=mel.numpy(),
                          alignment=alignment, stopped=stopped, scores=scores,
-                         normalized_text=encoded.normalized)
+                         normalized_text=encoded.normalized, n_symbols=len(encoded.ids))
 
     def to_files(self, text: str, out: Path, language: str = "auto", seed: int = 0
                  ) -> tuple[Synthesis, Path]:

@@ -23,9 +23,11 @@ from services.core.schemas import (
     Event,
     Message,
     MetricsMessage,
+    ProbeReport,
 )
 from services.core.streams import Stream
 from services.trainer.checkpoints import CheckpointInfo
+from services.trainer.probes import ProbeSummary
 from services.trainer.training import EvalResult, StepMetrics, Trainer, TrainingObserver
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,15 @@ class Telemetry(TrainingObserver):
             data={"file": info.file, "healthy": info.healthy,
                   "metrics": {k: v for k, v in info.metrics.items() if math.isfinite(v)}}))
 
+    def on_probes(self, trainer: Trainer, summary: ProbeSummary) -> None:
+        """A probes event: does the checkpoint speak unseen text and stop?"""
+        checks = summary.indicators()
+        report = summary.report()
+        self.publisher.publish(Stream.EVENTS, Event(
+            run_id=self.run_id, event="probes", step=trainer.step,
+            severity="info" if all(c.met for c in checks) else "warning",
+            detail=probe_detail(report), data=report.model_dump(mode="json")))
+
     def on_lifecycle(self, trainer: Trainer, event: str, detail: str,
                      data: dict[str, Any]) -> None:
         """run_started (and restart), paused, resumed, finished, stopped."""
@@ -96,6 +107,16 @@ class Telemetry(TrainingObserver):
         self.publisher.publish(Stream.EVENTS, Event(
             run_id=self.run_id, event=event, severity=_LIFECYCLE_SEVERITY.get(event, "info"),
             step=trainer.step, detail=detail, data=payload))
+
+
+def probe_detail(report: ProbeReport) -> str:
+    """One line: ``probes at step 300: 83% stop (10/12), inference diagonality 0.64``."""
+    stopped = report.n - len(report.failures)
+    line = (f"probes at step {report.checkpoint_step}: {report.stop_percent:.0f}% stop "
+            f"({stopped}/{report.n}), inference diagonality {report.median_diagonality:.2f}")
+    if report.relative_wer is not None:
+        line += f", WER {report.relative_wer:+.2f} vs espeak-ng"
+    return line
 
 
 def snapshot_from_eval(run_id: str, result: EvalResult, samples: int) -> AttentionSnapshot:

@@ -21,6 +21,7 @@ import math
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,10 +38,13 @@ from services.diagnostics.plots import plot_alignment
 from services.trainer import distributed
 from services.trainer import text as text_frontend
 from services.trainer.checkpoints import (
+    RUN_CHECKPOINT_SUBDIR,
+    CheckpointError,
     CheckpointInfo,
     CheckpointManager,
     LoadedCheckpoint,
     capture_rng_state,
+    load_checkpoint,
     restore_rng_state,
 )
 from services.trainer.config import TrainConfig
@@ -58,6 +62,20 @@ from services.trainer.gradients import GradientClipper
 from services.trainer.losses import GuidedAttentionWeight, LossTerms, tacotron_loss
 from services.trainer.model import Tacotron2, TacotronOutput, count_parameters
 from services.trainer.optim import LearningRate, make_optimizer
+from services.trainer.probes import (
+    ProbeRunner,
+    ProbeSummary,
+    corpus_languages,
+    frames_per_symbol,
+    probes_for,
+)
+from services.trainer.warm_start import (
+    WARM_START_FILE,
+    WarmStartError,
+    WarmStartReport,
+    describe,
+    merge_state_dicts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +83,11 @@ CONFIG_FILE = "config.json"
 RUN_STATE_FILE = "run_state.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-CHECKPOINT_DIR = "checkpoints"
+PROBES_FILE = "probes.jsonl"
+CHECKPOINT_DIR = RUN_CHECKPOINT_SUBDIR
 PLOT_DIR = "plots"
 PAUSE_POLL_S = 0.2
+RESUME_FROM = ("latest", "last_good", "best")
 
 
 @dataclass
@@ -84,6 +104,7 @@ class StepMetrics:
     grad_norm: float  # before clipping, after unscaling; nan when the step was skipped early
     lr: float
     guided_attention_weight: float
+    gate_positive_weight: float
     clip_threshold: float
     step_seconds: float
     finite: bool
@@ -112,6 +133,7 @@ class RunState:
     clean_exit: bool = False
     started_at: str = ""
     aligned_once: bool = False
+    spoke_once: bool = False  # the inference indicator was met once (probes)
 
 
 class TrainingObserver:
@@ -125,6 +147,9 @@ class TrainingObserver:
 
     def on_checkpoint(self, trainer: Trainer, info: CheckpointInfo) -> None:
         """After a checkpoint is safely on disk."""
+
+    def on_probes(self, trainer: Trainer, summary: ProbeSummary) -> None:
+        """After the inference probes of a checkpoint finished (maybe steps later)."""
 
     def on_lifecycle(self, trainer: Trainer, event: str, detail: str,
                      data: dict[str, Any]) -> None:
@@ -141,7 +166,7 @@ class TrainingController(Protocol):
 class SetterCall:
     """One run-time setter call on rank 0, for the other ranks to replay at the same step."""
 
-    action: str  # set_lr, set_guided_attention_weight, set_grad_clip or rollback
+    action: str  # a value setter's name (set_lr, ...) or rollback
     value: float | None
     source: str
     checkpoint: LoadedCheckpoint | None = None  # rollback: the state rank 0 restored
@@ -176,7 +201,8 @@ class Trainer:
                  observers: list[TrainingObserver] | None = None,
                  controllers: list[TrainingController] | None = None, progress: bool = True,
                  run_id: str | None = None, resume_from: str = "latest",
-                 fault: FaultPlan | None = None):
+                 fault: FaultPlan | None = None, warm_start: Path | None = None,
+                 ignore_layers: Sequence[str] = ()):
         self.cfg = cfg
         self.data_dir = Path(data_dir)
         self.run_dir = Path(run_dir)
@@ -199,9 +225,13 @@ class Trainer:
         distributed.in_turns(self.dist,
                              lambda: self._prepare_data(cache_dir or self.data_dir / ".features"))
         self.model = Tacotron2(cfg.model, cfg.audio.n_mels).to(self.device)
+        self.probes = self._make_probe_runner() if self.is_main else None
+        self.last_probes: ProbeSummary | None = None
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.lr = LearningRate(self.optimizer, cfg.optim)
         self.ga_weight = GuidedAttentionWeight(cfg.optim)
+        # The stop token's positive weight; a command may raise it when the gate never fires.
+        self.gate_positive_weight = cfg.optim.gate_positive_weight
         self.clipper = GradientClipper(cfg.optim)
         amp = cfg.optim.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp)
@@ -233,8 +263,8 @@ class Trainer:
         self._max_norm_since_checkpoint = 0.0
         self._stop_requested = False
 
-        if resume and resume_from not in ("latest", "last_good"):
-            raise ValueError("resume_from must be 'latest' or 'last_good'")
+        if resume and resume_from not in RESUME_FROM:
+            raise ValueError(f"resume_from must be one of {', '.join(RESUME_FROM)}")
         state = self._open_run_state(resume, run_id) if self.is_main else None
         loaded = self._find_resume_checkpoint(resume_from) if resume and self.is_main else None
         if self.dist.distributed:
@@ -246,6 +276,8 @@ class Trainer:
             self._restore(loaded)
         else:
             self._fork_rng()
+        self.warm_start_report = self._warm_start(warm_start, ignore_layers,
+                                                  resumed=loaded is not None)
         if self.is_main:
             (self.run_dir / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
         log.info("model: %s parameters, device %s, run %s", f"{count_parameters(self.model):,}",
@@ -307,6 +339,52 @@ class Trainer:
         if unknown:
             listed = ", ".join(f"{c!r}×{n}" for c, n in unknown.most_common())
             log.warning("characters outside the symbol table were removed: %s", listed)
+        # What the probes need to judge inference: the corpus's languages and speaking rate.
+        self.languages = corpus_languages([u.text for u in train])
+        self.frames_per_symbol = frames_per_symbol(self.train_set.mel_lengths,
+                                                   self.train_set.text_lengths)
+
+    def _make_probe_runner(self) -> ProbeRunner | None:
+        settings = self.cfg.probes
+        if not settings.enabled:
+            return None
+        recognizer = None
+        if settings.wer and "en" in self.languages:
+            from services.diagnostics.asr import Recognizer
+
+            if Recognizer.available():
+                recognizer = Recognizer()
+            else:
+                log.info("probes: no word error rate (%s)", Recognizer.unavailable_reason())
+        return ProbeRunner(self.cfg, self.store.mean, self.store.std,
+                           probes_for(self.languages), self.frames_per_symbol,
+                           recognizer=recognizer, background=settings.background)
+
+    def _collect_probes(self, wait: bool = False) -> bool:
+        """Take in finished probe passes; returns whether there was one."""
+        if self.probes is None:
+            return False
+        finished = self.probes.wait() if wait else self.probes.collect()
+        for summary in finished:
+            self.last_probes = summary
+            speaks = indicators.all_met(summary.indicators())
+            if speaks and not self.run_state.spoke_once:
+                self.run_state.spoke_once = True
+                self._write_run_state()
+            record = summary.model_dump(mode="json")
+            self._log_metrics({"kind": "probes", **{k: v for k, v in record.items()
+                                                    if k != "results"}})
+            with (self.run_dir / PROBES_FILE).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            assert self.checkpoints is not None
+            # Once the model has spoken, a checkpoint that no longer does is no rollback
+            # target (as one that lost its alignment is not).
+            self.checkpoints.record_probe_score(
+                summary.step, summary.score,
+                unhealthy=self.run_state.spoke_once and not speaks)
+            for observer in self.observers:
+                observer.on_probes(self, summary)
+        return bool(finished)
 
     def _open_run_state(self, resume: bool, run_id: str | None) -> RunState:
         path = self.run_dir / RUN_STATE_FILE
@@ -345,6 +423,7 @@ class Trainer:
             "lr": self.lr.state_dict(),
             "guided_attention": self.ga_weight.state_dict(),
             "clipper": self.clipper.state_dict(),
+            "gate_positive_weight": self.gate_positive_weight,
             "scaler": self.scaler.state_dict(),
             "rng": capture_rng_state(),
             "overrides": list(self.overrides),
@@ -373,6 +452,8 @@ class Trainer:
         self.lr.load_state_dict(state["lr"])
         self.ga_weight.load_state_dict(state["guided_attention"])
         self.clipper.load_state_dict(state["clipper"])
+        self.gate_positive_weight = float(state.get("gate_positive_weight",
+                                                    self.cfg.optim.gate_positive_weight))
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
@@ -385,10 +466,71 @@ class Trainer:
         self._fork_rng()  # rank 0 continues the saved stream, the others fork their own
         log.info("resumed from %s at step %d", loaded.info.file, self.step)
 
+    def _warm_start(self, source: Path | None, ignore_layers: Sequence[str], resumed: bool
+                    ) -> WarmStartReport | None:
+        """Start from another run's weights (services/trainer/warm_start.py), at step 0 only.
+
+        A run resumed from its own checkpoint (a restart under the supervisor) keeps its
+        weights: the warm start is ignored, and the one it had is read back from the run
+        folder. Rank 0 reads the checkpoint; every rank loads the same merged weights.
+        """
+        record = self.run_dir / WARM_START_FILE
+        if source is None or resumed:
+            if source is not None:
+                log.info("--warm-start %s ignored: resumed from this run's own checkpoint "
+                         "at step %d", source, self.step)
+            if not self.is_main:
+                return None
+            if resumed:
+                return (WarmStartReport.model_validate_json(record.read_text())
+                        if record.is_file() else None)
+            record.unlink(missing_ok=True)  # a new run in an old folder: not warm-started
+            return None
+        # Rank 0's merged weights and report, or its error: the other ranks must not wait
+        # for weights that never come.
+        payload: tuple[dict[str, torch.Tensor], WarmStartReport] | WarmStartError | None = None
+        if self.is_main:
+            try:
+                loaded = load_checkpoint(source)
+                weights = loaded.state.get("model")
+                if not isinstance(weights, dict):
+                    raise CheckpointError("no 'model' weights in it")
+            except (OSError, CheckpointError) as error:
+                payload = WarmStartError(f"--warm-start {source}: {error}")
+            else:
+                ours = {name: value.cpu() for name, value in self.model.state_dict().items()}
+                merged, report = merge_state_dicts(ours, weights, ignore_layers)
+                report.source, report.source_step = str(source), loaded.info.step
+                payload = merged, report
+                theirs = loaded.state.get("config", {}).get("audio")
+                if theirs is not None and theirs != self.cfg.audio.model_dump(mode="json"):
+                    log.warning("--warm-start %s was trained on other audio features; its "
+                                "weights expect those", source)
+        if self.dist.distributed:
+            payload = distributed.broadcast_object(payload)
+        if isinstance(payload, WarmStartError):
+            raise payload
+        assert payload is not None
+        merged, report = payload
+        self.model.load_state_dict(merged)
+        log.info("%s", describe(report))
+        if report.unused_ignore_layers:
+            log.warning("--ignore-layers %s matched no layer of the model",
+                        ", ".join(report.unused_ignore_layers))
+        if self.is_main:
+            record.write_text(report.model_dump_json(indent=2))
+        return report
+
     def _find_resume_checkpoint(self, resume_from: str) -> LoadedCheckpoint | None:
         assert self.checkpoints is not None
-        loaded = (self.checkpoints.latest() if resume_from == "latest"
-                  else self.checkpoints.last_good() or self.checkpoints.latest())
+        match resume_from:
+            case "latest":
+                loaded = self.checkpoints.latest()
+            case "best":  # the one that spoke the probes best; else as last_good
+                loaded = (self.checkpoints.best() or self.checkpoints.last_good()
+                          or self.checkpoints.latest())
+            case _:
+                loaded = self.checkpoints.last_good() or self.checkpoints.latest()
         if loaded is None:
             log.warning("--resume: no valid checkpoint in %s; starting from step 0",
                         self.checkpoints.directory)
@@ -425,6 +567,8 @@ class Trainer:
         self._skips_since_checkpoint = 0
         self._max_norm_since_checkpoint = 0.0
         self.save_alignment_plot()
+        if self.probes is not None:
+            self.probes.submit(self.model, self.step)
         for observer in self.observers:
             observer.on_checkpoint(self, info)
         return info
@@ -461,6 +605,8 @@ class Trainer:
                 self.set_guided_attention_weight(call.value, call.source)
             case "set_grad_clip":
                 self.set_grad_clip(call.value, call.source)
+            case "set_gate_positive_weight":
+                self.set_gate_positive_weight(call.value, call.source)
             case "rollback":
                 self.rollback(call.source, checkpoint=call.checkpoint)
             case _:  # pragma: no cover - both ends run the same code
@@ -491,6 +637,15 @@ class Trainer:
         self._share(SetterCall("set_grad_clip", value, source))
         return before, value
 
+    def set_gate_positive_weight(self, value: float, source: str = "api"
+                                 ) -> tuple[float, float]:
+        """Set the stop token's positive weight in the gate loss; returns (before, after)."""
+        before = self.gate_positive_weight
+        self.gate_positive_weight = value
+        self._record_override("set_gate_positive_weight", before, value, source)
+        self._share(SetterCall("set_gate_positive_weight", value, source))
+        return before, value
+
     def rollback(self, source: str = "api", checkpoint: LoadedCheckpoint | None = None
                  ) -> CheckpointInfo | None:
         """Restore the weights and data position of the last good checkpoint.
@@ -506,9 +661,10 @@ class Trainer:
         if loaded is None:
             return None
         kept = (list(self.overrides), self.skipped_steps, self.step, self.lr.state_dict(),
-                self.ga_weight.state_dict(), self.clipper.threshold)
+                self.ga_weight.state_dict(), self.clipper.threshold, self.gate_positive_weight)
         self._restore(loaded)
-        overrides, self.skipped_steps, step, lr_state, ga_state, threshold = kept
+        (overrides, self.skipped_steps, step, lr_state, ga_state, threshold,
+         self.gate_positive_weight) = kept
         self.overrides = overrides
         self.lr.load_state_dict(lr_state)
         self.ga_weight.load_state_dict(ga_state)
@@ -541,7 +697,7 @@ class Trainer:
             output = module(batch.text, batch.input_lengths, batch.mel, batch.output_lengths)
             terms = tacotron_loss(
                 output, batch.mel, batch.gate, batch.input_lengths,
-                self.cfg.model.n_frames_per_step, self.cfg.optim.gate_positive_weight,
+                self.cfg.model.n_frames_per_step, self.gate_positive_weight,
                 self.ga_weight(self.step), self.cfg.optim.guided_attention_sigma)
         return output, terms
 
@@ -602,7 +758,8 @@ class Trainer:
             mel_postnet=losses["mel_postnet"], gate=losses["gate"],
             guided_attention=losses["guided_attention"], objective=losses["objective"],
             grad_norm=norm, lr=lr, guided_attention_weight=ga_weight,
-            clip_threshold=threshold, step_seconds=time.perf_counter() - started,
+            gate_positive_weight=self.gate_positive_weight, clip_threshold=threshold,
+            step_seconds=time.perf_counter() - started,
             finite=finite, skipped_steps=self.skipped_steps)
         self.last_step_seconds = metrics.step_seconds
         self.step += 1
@@ -677,17 +834,23 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def indicators(self) -> list[indicators.Indicator]:
-        """The plan's five success indicators on the latest evaluation.
+        """The plan's five success indicators on the latest evaluation, then the inference
+        indicator on the latest probe pass (when probes are on; not met before the first).
 
         Grad norm is the *largest* pre-clip norm of the last ``eval_every`` steps, so one
         bad step in the window fails it.
         """
         result = self.last_eval or self.evaluate()
         norm = max(self.recent_norms) if self.recent_norms else math.inf
-        return indicators.evaluate_indicators(
+        checks = indicators.evaluate_indicators(
             grad_norm=norm, diagonality=result.scores["diagonality"],
             restarts=self.run_state.restarts, loss=result.losses["objective"],
             quality=result.scores["quality"])
+        if self.cfg.probes.enabled:
+            probes = self.last_probes
+            checks += (probes.indicators() if probes is not None
+                       else indicators.evaluate_inference(math.nan, math.nan))
+        return checks
 
     def _lifecycle(self, event: str, detail: str = "", **data: Any) -> None:
         for observer in self.observers:
@@ -787,15 +950,18 @@ class Trainer:
                     observer.on_step(self, metrics)
                 if not self.is_main:
                     continue  # evaluation, checkpoints and the decision to stop are rank 0's
-                if self.step % self.cfg.run.eval_every == 0:
+                evaluated = self.step % self.cfg.run.eval_every == 0
+                if evaluated:
                     self.evaluate()
-                    checks = self.indicators()
-                    if met_at is None and indicators.all_met(checks):
-                        met_at = {"step": self.step,
-                                  "minutes": (time.perf_counter() - started) / 60}
-                        log.info("all five success indicators met at step %d", self.step)
-                        if until_indicators:
-                            stop_reason = "indicators_met"
+                # A probe pass that finished in the background may complete the verdict
+                # between evaluations.
+                if (self._collect_probes() or evaluated) and met_at is None \
+                        and indicators.all_met(self.indicators()):
+                    met_at = {"step": self.step,
+                              "minutes": (time.perf_counter() - started) / 60}
+                    log.info("all success indicators met at step %d", self.step)
+                    if until_indicators:
+                        stop_reason = "indicators_met"
                 if self.step % self.cfg.run.checkpoint_every == 0:
                     self.save_checkpoint()
                 bar.n = self.step  # a rollback moves the step back
@@ -830,6 +996,10 @@ class Trainer:
         entries = self.checkpoints.entries()
         if not entries or entries[-1].step != self.step:  # the loop may have just saved it
             self.save_checkpoint()
+        if self.probes is not None:
+            # The verdict includes the probes of the final checkpoint.
+            self._collect_probes(wait=True)
+            self.probes.close()
         self.run_state.clean_exit = True
         self.run_state.consecutive_restarts = 0
         self._write_run_state()
@@ -860,5 +1030,9 @@ class Trainer:
             "indicators": [c.model_dump() for c in checks],
             "all_indicators_met": indicators.all_met(checks),
             "indicators_first_met": met_at,
+            "probes": (self.last_probes.model_dump(mode="json")
+                       if self.last_probes is not None else None),
             "overrides": self.overrides,
+            "warm_start": (self.warm_start_report.model_dump()
+                           if self.warm_start_report is not None else None),
         }
