@@ -35,6 +35,7 @@ from services.core.schemas import (
     Event,
     Message,
     MetricsMessage,
+    ProbeReport,
     Trigger,
     decode,
     encode,
@@ -288,6 +289,21 @@ def test_run_state(http: httpx.Client, seeded: str) -> None:
     assert state["counts"] == {"metrics": SEEDED, "attention": 0, "diagnostics": SEEDED,
                                "commands": 0, "acks": SEEDED, "actions": SEEDED,
                                "events": SEEDED_EVENTS}
+
+
+def test_run_state_carries_the_newest_probe_pass(http: httpx.Client, seeded: str,
+                                                store: redis.Redis) -> None:
+    assert http.get(f"/runs/{seeded}").json()["latest_probes"] is None
+    for step, stop in ((100, 25.0), (200, 91.7)):
+        probes = ProbeReport(checkpoint_step=step, n=12, stop_percent=stop,
+                             median_diagonality=0.8, median_quality=84.0, seconds=3.0)
+        add(store, Event(run_id=seeded, event="probes", step=step + 3,
+                                      data=probes.model_dump(mode="json")))
+    # A later event of another kind does not hide it.
+    add(store, Event(run_id=seeded, event="checkpoint_saved", step=300))
+    state = http.get(f"/runs/{seeded}").json()
+    assert state["latest_probes"]["checkpoint_step"] == 200
+    assert state["latest_probes"]["stop_percent"] == pytest.approx(91.7)
 
 
 @pytest.mark.parametrize(("path", "key", "seeded_count"), [

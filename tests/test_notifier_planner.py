@@ -10,7 +10,7 @@ from services.notifier.config import load_notifier_settings
 from services.notifier.planner import ReportPlanner
 from services.notifier.reports import MESSAGES
 from tests.telegram_stand_in import TEST_TOKEN
-from tests.test_notifier_reports import RUN, alignment, metrics, record, scores
+from tests.test_notifier_reports import RUN, alignment, metrics, probe_report, record, scores
 
 
 class Clock:
@@ -189,3 +189,22 @@ def test_empty_variables_mean_unset(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("SMART_TUNER_NOTIFIER_WEBHOOK_TOKEN", "")
     settings = load_notifier_settings()
     assert settings.admin_ids == () and settings.webhook_token is None
+
+
+def probes_event(stop_percent: float, diagonality: float, step: int) -> Event:
+    report = probe_report(stop_percent, diagonality)
+    return Event(run_id=RUN, event="probes", step=step, detail=f"probes {stop_percent}",
+                 data=report.model_dump(mode="json"))
+
+
+def test_probes_are_told_on_the_first_pass_and_when_the_verdict_changes() -> None:
+    p = planner(every_steps=10)
+    assert len(p.observe(probes_event(50.0, 0.5, 100))) == 1  # the first pass
+    assert p.observe(probes_event(60.0, 0.6, 200)) == []  # still not speaking: quiet
+    assert len(p.observe(probes_event(100.0, 0.9, 300))) == 1  # it speaks now
+    assert p.observe(probes_event(95.0, 0.85, 400)) == []
+    assert len(p.observe(probes_event(40.0, 0.85, 500))) == 1  # it stopped stopping
+    # The progress report carries the newest pass either way.
+    p.observe(metrics(step=1))
+    (notice,) = p.observe(metrics(step=20))
+    assert MESSAGES["en"]["probes_header"].format(step=400) in notice.text

@@ -21,6 +21,8 @@ from services.core.schemas import (
     Event,
     EventKind,
     MetricsMessage,
+    ProbeFailure,
+    ProbeReport,
     Trigger,
 )
 from services.notifier.reports import (
@@ -30,6 +32,7 @@ from services.notifier.reports import (
     event_report,
     progress_report,
     split_message,
+    status_report,
     trend_arrow,
     utf16_length,
 )
@@ -115,7 +118,9 @@ def test_progress_report_numbers_indicators_and_trends(language: str) -> None:
     assert escape(f"> {checks['diagonality'].threshold:g}") in diag
     assert indicator(text, words, "restarts").startswith("✅")
     assert indicator(text, words, "quality %").startswith("❌")
-    assert words["indicators_header"].format(met=3, total=5) in text
+    # The plan's five, then the inference indicator's two measures (pending: no probes).
+    assert words["indicators_header"].format(met=3, total=7) in text
+    assert words["no_probes"] in text
     assert words["no_actions"] in text
 
 
@@ -311,3 +316,49 @@ def test_split_property(lines: list[str], limit: int) -> None:
 def test_split_property_with_overlong_lines(text: str, limit: int) -> None:
     chunks = split_message(text, limit)
     assert all(chunk.strip() and utf16_length(chunk) <= limit for chunk in chunks)
+
+
+def probe_report(stop_percent: float = 50.0, diagonality: float = 0.55) -> ProbeReport:
+    """Twelve probes; the failures are the ones that did not stop or overran."""
+    failures = [ProbeFailure(probe_id="ru-long", kind="long sentence", stopped=False,
+                             length_ratio=2.2, diagonality=0.41),
+                ProbeFailure(probe_id="ru-short", kind="short phrase", stopped=True,
+                             length_ratio=3.1, diagonality=0.6)]
+    return ProbeReport(checkpoint_step=400, n=12, stop_percent=stop_percent,
+                       median_diagonality=diagonality, median_quality=70.0,
+                       relative_wer=0.12, seconds=9.5, failures=failures)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_progress_report_shows_the_inference_probes(language: str) -> None:
+    words = MESSAGES[language]
+    text = progress_report(RUN, metrics(), alignment(1200, scores(0.9, 88.0)), None, [], 0,
+                           language, probe_report())
+    assert words["probes_header"].format(step=400) in text
+    assert words["probes_summary"].format(stopped=10, n=12, diagonality="0.550") in text
+    assert "+0.12" in line_with(text, "espeak-ng")
+    assert "ru-long" in line_with(text, words["probes_not_stopped"])
+    assert "ru-short" in line_with(text, words["probes_bad_length"].format(ratio="3.1"))
+    # 50 % of probes stop (< 90) and 0.55 (< 0.7): both inference measures unmet.
+    assert indicator(text, words, "probes stop %").strip().startswith("❌")
+    assert indicator(text, words, "inference diagonality").strip().startswith("❌")
+    spoken = progress_report(RUN, metrics(), alignment(1200, scores(0.9, 88.0)), None, [], 0,
+                             language, probe_report(100.0, 0.9))
+    assert indicator(spoken, words, "probes stop %").strip().startswith("✅")
+    status = status_report(RUN, metrics(), alignment(1200, scores(0.9, 88.0)), None, 0,
+                           language, probe_report(100.0, 0.9))
+    assert words["status_indicators"].format(met=7, total=7) in status
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_probes_event_lists_what_failed(language: str) -> None:
+    words = MESSAGES[language]
+    report = probe_report()
+    event = Event(run_id=RUN, event="probes", severity="warning", step=410,
+                  detail="probes at step 400: 50% stop (10/12)",
+                  data=report.model_dump(mode="json"))
+    text = event_report(event, language)
+    assert text.startswith(words["event_probes"])
+    assert "probes at step 400: 50% stop (10/12)" in text
+    assert "ru-long" in text and "ru-short" in text
+    assert "checkpoint_step" not in text  # the data is shown as lines, not raw keys

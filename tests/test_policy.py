@@ -19,6 +19,8 @@ from services.core.schemas import (
     AlignmentScores,
     Event,
     MetricsMessage,
+    ProbeFailure,
+    ProbeReport,
     Trigger,
 )
 from services.tuner.config import (
@@ -33,6 +35,7 @@ from services.tuner.policy import (
     RULE_ANNEAL,
     RULE_GRAD_NORM,
     RULE_INDICATORS,
+    RULE_INFERENCE,
     RULE_NON_FINITE,
     RULE_PLATEAU,
     Decision,
@@ -55,13 +58,15 @@ def make_config(**sections: dict[str, Any]) -> TunerConfig:
 
 
 def metrics(step: int, *, grad: float = 1.0, finite: bool = True, objective: float = 2.0,
-            lr: float = 1e-3, ga: float = 1.0, ts: float | None = None) -> MetricsMessage:
+            lr: float = 1e-3, ga: float = 1.0, ts: float | None = None,
+            gate: float | None = None) -> MetricsMessage:
     """One synthetic step; ts grows with the step unless given."""
     return MetricsMessage(
         run_id=RUN, step=step, loss=objective, mel=objective / 2, mel_postnet=objective / 2,
         gate=0.1, guided_attention=0.1, objective=objective, grad_norm=grad, lr=lr,
         guided_attention_weight=ga, clip_threshold=1.0, step_seconds=1.0, finite=finite,
-        skipped_steps=0, ts=1_000_000.0 + step if ts is None else ts)
+        skipped_steps=0, ts=1_000_000.0 + step if ts is None else ts,
+        gate_positive_weight=gate)
 
 
 def report(step: int, diagonality: float, quality: float = 50.0) -> AlignmentReport:
@@ -76,11 +81,12 @@ class Sim:
     """The policy against a trainer that obeys and acks every command before its next step."""
 
     def __init__(self, config: TunerConfig | None = None, *, lr: float = 1e-3, ga: float = 1.0,
-                 auto_ack: bool = True):
+                 auto_ack: bool = True, gate: float | None = None):
         self.config = config or TunerConfig()
         self.window = RunWindow(RUN, self.config)
         self.lr = lr
         self.ga = ga
+        self.gate = gate
         self.auto_ack = auto_ack
         self.step = 0
         self.decisions: list[Decision] = []
@@ -113,6 +119,9 @@ class Sim:
             elif decision.action == "set_guided_attention_weight":
                 before, self.ga = self.ga, decision.value
                 after = self.ga
+            elif decision.action == "set_gate_positive_weight":
+                before, self.gate = self.gate, decision.value
+                after = self.gate
             self.window.observe_ack(Ack(run_id=RUN, command_id=command_id,
                                         action=decision.action, status="applied",
                                         step=max(self.step - 1, 0), before=before, after=after))
@@ -124,7 +133,7 @@ class Sim:
             self._ack_all()
         # A steadily falling objective unless the test says otherwise: no plateau.
         fields.setdefault("objective", 10.0 * 0.999**self.step)
-        message = metrics(self.step, lr=self.lr, ga=self.ga, **fields)
+        message = metrics(self.step, lr=self.lr, ga=self.ga, gate=self.gate, **fields)
         self.step += 1
         self.window.observe_metrics(message)
         return self._act()
@@ -145,6 +154,18 @@ class Sim:
         """A lifecycle event."""
         self.window.observe_event(Event(run_id=RUN, event=kind, data=data))
         return self._act()
+
+    def probes(self, stop_percent: float, never_fired: int, too_long: int = 0
+               ) -> list[Decision]:
+        """A probe pass of a checkpoint at the latest step: 12 probes, the failures given."""
+        failures = ([ProbeFailure(probe_id=f"p{i}", kind="k", stopped=False, length_ratio=2.2,
+                                  diagonality=0.4) for i in range(never_fired)]
+                    + [ProbeFailure(probe_id=f"q{i}", kind="k", stopped=True, length_ratio=0.3,
+                                    diagonality=0.4) for i in range(too_long)])
+        report = ProbeReport(checkpoint_step=max(self.step - 1, 0), n=12,
+                             stop_percent=stop_percent, median_diagonality=0.6,
+                             median_quality=60.0, seconds=1.0, failures=failures)
+        return self.event("probes", **report.model_dump(mode="json"))
 
 
 def only(decisions: list[Decision], rule: str, action: str | None = None) -> list[Decision]:
@@ -604,3 +625,56 @@ def test_any_metric_sequence_respects_bounds_and_cooldowns(
     assert len(sim.events("indicators_met")) <= 1
     ids = [command_id_for(RUN, d) for d in sim.commands]
     assert len(ids) == len(set(ids))
+
+
+# ---------------------------------------------------------------------- inference
+
+
+def test_a_gate_that_never_fires_gets_a_heavier_positive_weight() -> None:
+    sim = Sim(gate=5.0)
+    sim.run(400)
+    sim.report(0.9)  # aligned teacher-forced
+    assert only(sim.probes(25.0, never_fired=9), RULE_INFERENCE) == []  # one pass: wait
+    sim.run(100)
+    (raised,) = only(sim.probes(25.0, never_fired=9), RULE_INFERENCE,
+                     "set_gate_positive_weight")
+    assert raised.value == 10.0  # 5 * gate_factor
+    assert raised.trigger.metric == "probes_stop" and raised.trigger.value == 25.0
+    assert raised.trigger.threshold == indicators.PROBES_STOP_OK
+    # Within the cooldown, more failing passes change nothing.
+    sim.run(50)
+    assert only(sim.probes(30.0, never_fired=8), RULE_INFERENCE) == []
+    # After it, a second failing pass since the raise raises it again.
+    sim.run(200)
+    (again,) = only(sim.probes(30.0, never_fired=8), RULE_INFERENCE)
+    assert again.value == 20.0
+    # The effect is read from the next probe pass.
+    effect = measure_effect(sim.window, again.measure, again.step, 100)
+    assert math.isnan(effect.after) and not effect.recovered
+    sim.run(100)
+    sim.probes(95.0, never_fired=0)
+    effect = measure_effect(sim.window, again.measure, again.step, 100)
+    assert effect.after == 95.0 and effect.recovered
+
+
+def test_inference_rule_leaves_unaligned_runs_and_early_stops_alone() -> None:
+    unaligned = Sim(gate=5.0)
+    unaligned.run(400)
+    unaligned.report(0.4)  # not aligned teacher-forced: other rules' business
+    unaligned.probes(0.0, never_fired=12)
+    unaligned.run(100)
+    unaligned.report(0.4)
+    assert only(unaligned.probes(0.0, never_fired=12), RULE_INFERENCE) == []
+    early = Sim(gate=5.0)
+    early.run(400)
+    early.report(0.9)
+    early.probes(25.0, never_fired=2, too_long=7)
+    early.run(100)
+    # It stops, but too early: a heavier stop weight would make that worse.
+    assert only(early.probes(25.0, never_fired=2, too_long=7), RULE_INFERENCE) == []
+    old_trainer = Sim(gate=None)  # a trainer that does not report the weight
+    old_trainer.run(400)
+    old_trainer.report(0.9)
+    old_trainer.probes(0.0, never_fired=12)
+    old_trainer.run(100)
+    assert only(old_trainer.probes(0.0, never_fired=12), RULE_INFERENCE) == []

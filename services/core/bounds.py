@@ -22,6 +22,10 @@ GA_WEIGHT_MIN = 0.0  # zero switches the guided attention loss off
 GA_WEIGHT_MAX = 50.0
 GRAD_CLIP_MIN = 0.01
 GRAD_CLIP_MAX = 1000.0
+# The stop token's positive weight: below 1 the rare "stop here" frames would weigh less
+# than the others; far above ~100 the gate fires everywhere.
+GATE_POS_WEIGHT_MIN = 1.0
+GATE_POS_WEIGHT_MAX = 100.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ VALUE_BOUNDS: Mapping[str, Bounds] = MappingProxyType({
     "set_lr": Bounds(LR_MIN, LR_MAX),
     "set_guided_attention_weight": Bounds(GA_WEIGHT_MIN, GA_WEIGHT_MAX),
     "set_grad_clip": Bounds(GRAD_CLIP_MIN, GRAD_CLIP_MAX),
+    "set_gate_positive_weight": Bounds(GATE_POS_WEIGHT_MIN, GATE_POS_WEIGHT_MAX),
 })
 if set(VALUE_BOUNDS) != VALUE_ACTIONS:  # pragma: no cover - guards an edit of either list
     raise RuntimeError("VALUE_BOUNDS must bound exactly schemas.VALUE_ACTIONS")

@@ -24,8 +24,10 @@ from services.core.schemas import (
     Message,
     MessageError,
     MetricsMessage,
+    ProbeReport,
     decode,
     encode,
+    probe_report,
 )
 from services.core.streams import (
     RUNS_KEY,
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 ACK_BLOCK_MS = 500  # one blocking read of the acks stream; below any client socket timeout
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACTION_SCAN = 1000  # action records read to find the latest stage of the last N actions
+PROBES_SCAN = 200  # events read back to find the newest probes event
 
 M = TypeVar("M", bound=Message)
 _STREAM_OF: dict[type[Message], Stream] = {schema: stream for stream, schema in SCHEMAS.items()}
@@ -179,6 +182,13 @@ class RunStore:
                 if len(newest) == limit:
                     break
         return sorted(newest.values(), key=lambda record: record.ts)
+
+    def latest_probes(self, run_id: str) -> ProbeReport | None:
+        """The newest ``probes`` event's report: how the newest probed checkpoint speaks."""
+        for event in reversed(self.recent(run_id, Event, PROBES_SCAN)):
+            if event.event == "probes":
+                return probe_report(event)
+        return None
 
     def restarts(self, run_id: str) -> int:
         """Restarts of the run, as its newest ``run_started`` event reports them (0 if none)."""

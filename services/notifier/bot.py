@@ -49,6 +49,7 @@ from services.core.schemas import (
     Event,
     MessageError,
     MetricsMessage,
+    ProbeReport,
 )
 from services.core.streams import validate_run_id
 from services.diagnostics.plots import latest_alignment_png
@@ -75,7 +76,8 @@ log = logging.getLogger(__name__)
 # Bot command -> the trainer action it sends (the mutating commands).
 MUTATING: dict[str, CommandAction] = {
     "pause": "pause", "resume": "resume", "stop": "stop", "lr": "set_lr",
-    "ga": "set_guided_attention_weight", "rollback": "rollback",
+    "ga": "set_guided_attention_weight", "gate": "set_gate_positive_weight",
+    "rollback": "rollback",
 }
 READING = ("status", "report", "alignment", "sample", "actions", "help", "start")
 COMMAND_TTL_S = 600.0  # a bot command the trainer has not applied in 10 minutes is stale
@@ -84,7 +86,7 @@ MAX_ACTIONS = 20
 STOP_DATA, CANCEL_DATA = "stop", "cancel"  # callback data prefixes of the /stop buttons
 COMMAND_NAME = re.compile(r"^/([A-Za-z0-9_]+)(?:@\w+)?")
 BOT_MENU = ("status", "report", "alignment", "sample", "actions", "pause", "resume", "stop",
-            "lr", "ga", "rollback", "help")
+            "lr", "ga", "gate", "rollback", "help")
 
 Speaker = Callable[[Path, str, str, str], Sample]
 
@@ -311,15 +313,17 @@ async def on_status(message: TgMessage, command: CommandObject, ctx: BotContext)
     if run_id is None:
         return
 
-    def gather() -> tuple[MetricsMessage | None, AlignmentReport | None, Event | None, int]:
+    def gather() -> tuple[MetricsMessage | None, AlignmentReport | None, Event | None, int,
+                          ProbeReport | None]:
         store = ctx.store
         return (store.latest(run_id, MetricsMessage), store.latest(run_id, AlignmentReport),
-                store.latest(run_id, Event), store.restarts(run_id))
+                store.latest(run_id, Event), store.restarts(run_id),
+                store.latest_probes(run_id))
 
-    metrics, report, event, restarts = await asyncio.to_thread(gather)
+    metrics, report, event, restarts, probes = await asyncio.to_thread(gather)
     ctx.metrics.commands.labels("status", "ok").inc()
     ctx.reply(message.chat.id, status_report(run_id, metrics, report, event, restarts,
-                                             ctx.settings.language))
+                                             ctx.settings.language, probes))
 
 
 async def on_report(message: TgMessage, command: CommandObject, ctx: BotContext) -> None:
@@ -330,12 +334,14 @@ async def on_report(message: TgMessage, command: CommandObject, ctx: BotContext)
     if run_id is None:
         return
 
-    def gather() -> tuple[MetricsMessage | None, list[AlignmentReport], list[Any], int]:
+    def gather() -> tuple[MetricsMessage | None, list[AlignmentReport], list[Any], int,
+                          ProbeReport | None]:
         store = ctx.store
         return (store.latest(run_id, MetricsMessage), store.recent(run_id, AlignmentReport, 2),
-                store.latest_actions(run_id, MAX_ACTIONS_SHOWN), store.restarts(run_id))
+                store.latest_actions(run_id, MAX_ACTIONS_SHOWN), store.restarts(run_id),
+                store.latest_probes(run_id))
 
-    metrics, reports, actions, restarts = await asyncio.to_thread(gather)
+    metrics, reports, actions, restarts, probes = await asyncio.to_thread(gather)
     if metrics is None:
         ctx.metrics.commands.labels("report", "empty").inc()
         ctx.reply(chat_id, ctx.words["no_metrics"].format(run_id=escape(run_id)))
@@ -343,7 +349,7 @@ async def on_report(message: TgMessage, command: CommandObject, ctx: BotContext)
     report = reports[-1] if reports else None
     previous = reports[-2] if len(reports) > 1 else None
     ctx.reply(chat_id, progress_report(run_id, metrics, report, previous, actions, restarts,
-                                       ctx.settings.language))
+                                       ctx.settings.language, probes))
     await _send_picture(ctx, chat_id, run_id)
     ctx.metrics.commands.labels("report", "ok").inc()
 
@@ -424,7 +430,7 @@ async def on_simple(message: TgMessage, command: CommandObject, ctx: BotContext)
 
 
 async def on_value(message: TgMessage, command: CommandObject, ctx: BotContext) -> None:
-    """/lr VALUE [run], /ga VALUE [run]."""
+    """/lr VALUE [run], /ga VALUE [run], /gate VALUE [run]."""
     name = command.command.lower()
     args = _args(command)
     value = _parse_value(args[0]) if args else None
@@ -505,7 +511,7 @@ def build_router(ctx: BotContext) -> Router:
     register(on_actions, CommandFilter("actions"))
     register(on_sample, CommandFilter("sample"))
     register(on_simple, CommandFilter("pause", "resume", "rollback"))
-    register(on_value, CommandFilter("lr", "ga"))
+    register(on_value, CommandFilter("lr", "ga", "gate"))
     register(on_stop, CommandFilter("stop"))
     register(on_unknown, F.text.startswith("/"))  # last: only what nothing else took
     router.callback_query.register(

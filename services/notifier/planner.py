@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.core.indicators import evaluate_inference
 from services.core.schemas import (
     ActionRecord,
     AlignmentReport,
@@ -26,6 +27,8 @@ from services.core.schemas import (
     Event,
     Message,
     MetricsMessage,
+    ProbeReport,
+    probe_report,
 )
 from services.notifier.reports import Language, action_report, event_report, progress_report
 
@@ -55,6 +58,7 @@ class _RunDigest:
     report: AlignmentReport | None = None
     previous_report: AlignmentReport | None = None
     restarts: int = 0
+    probes: ProbeReport | None = None
     last_report_step: int | None = None
     last_report_at: float | None = None
     actions: OrderedDict[str, ActionRecord] = field(default_factory=OrderedDict)
@@ -104,7 +108,8 @@ class ReportPlanner:
         if digest.metrics is None:
             return None
         text = progress_report(run_id, digest.metrics, digest.report, digest.previous_report,
-                               self.actions(run_id), digest.restarts, self.language)
+                               self.actions(run_id), digest.restarts, self.language,
+                               digest.probes)
         return Notice(run_id, text, picture=digest.report is not None)
 
     def tick(self) -> list[Notice]:
@@ -165,9 +170,22 @@ class ReportPlanner:
                 digest.restarts = restarts
         if event.event == "checkpoint_saved" and event.data.get("healthy", True) is not False:
             return []  # routine; an unhealthy checkpoint is worth a word
+        probes = probe_report(event)
+        if probes is not None:
+            before, digest.probes = digest.probes, probes
+            # Every checkpoint is probed: a word on the first pass and when the model
+            # starts or stops speaking; the progress reports carry the rest.
+            if before is not None and _speaks(before) == _speaks(probes):
+                return []
         trigger = event.data.get("trigger")
         metric = trigger.get("metric") if isinstance(trigger, dict) else None
         picture = event.event in PICTURE_EVENTS or metric in ALIGNMENT_METRICS
         return [Notice(event.run_id, event_report(event, self.language),
                        picture=picture and digest.report is not None,
                        critical=event.severity == "critical")]
+
+
+def _speaks(probes: ProbeReport) -> bool:
+    """Whether a probe pass meets the inference indicator."""
+    return all(check.met for check in evaluate_inference(probes.stop_percent,
+                                                         probes.median_diagonality))

@@ -20,7 +20,13 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from services.core.indicators import ALIGNMENT_INDICATORS, Indicator, evaluate_indicators
+from services.core.indicators import (
+    ALIGNMENT_INDICATORS,
+    INFERENCE_INDICATORS,
+    Indicator,
+    evaluate_indicators,
+    evaluate_inference,
+)
 from services.core.schemas import (
     Ack,
     ActionRecord,
@@ -29,7 +35,9 @@ from services.core.schemas import (
     Command,
     Event,
     MetricsMessage,
+    ProbeReport,
     Trigger,
+    probe_report,
 )
 
 Language = Literal["ru", "en"]
@@ -48,6 +56,7 @@ BULLET = "•"
 INDENT = "  "
 
 MAX_ACTIONS_SHOWN = 10  # the progress report lists at most the latest this many actions
+MAX_PROBE_FAILURES_SHOWN = 6  # failed probes listed by name, the rest only counted
 MAX_DATA_VALUE_CHARS = 200  # a nested event data value is cut to this many characters
 
 # Indicators (by ``Indicator.name``) that need an alignment report; without one they are
@@ -99,6 +108,16 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "indicator_restarts": "Перезапуски",
         "indicator_loss": "Loss",
         "indicator_quality %": "Качество, %",
+        "indicator_probes stop %": "Речь останавливается, % проб",
+        "indicator_inference diagonality": "Диагональность при синтезе",
+        "probes_header": "<b>Синтез незнакомого текста</b> (чекпойнт шага {step}):",
+        "probes_summary": "останавливается {stopped} из {n} проб, медиана диагональности "
+                          "{diagonality}",
+        "probes_wer": "WER относительно espeak-ng: {wer}",
+        "probes_failure": "{probe} ({kind}): {why}, диагональность {diagonality}",
+        "probes_not_stopped": "гейт не сработал",
+        "probes_bad_length": "длина ×{ratio}",
+        "no_probes": "<i>Проб синтеза ещё нет (они идут на каждом чекпойнте).</i>",
         "actions_header": "🛠️ <b>Выполненные действия</b>:",
         "no_actions": "Действий не было",
         "earlier_actions": "… и ещё {count} ранее",
@@ -139,6 +158,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "event_stopped": "<b>Обучение остановлено</b>",
         "event_events_dropped": "<b>Потеряны сообщения телеметрии</b>",
         "event_critical": "<b>Критическая ошибка</b>",
+        "event_probes": "<b>Пробы синтеза</b>",
         "event_step": " · шаг {step}",
         "data_line": "{key}: {value}",
         "summary_header": "🏁 <b>Индикаторы успеха</b>: {met}/{total}",
@@ -173,6 +193,8 @@ MESSAGES: dict[Language, dict[str, str]] = {
                 "/stop — остановить обучение (с подтверждением){admin}\n"
                 "/lr ЗНАЧЕНИЕ — задать learning rate, напр. /lr 1e-4{admin}\n"
                 "/ga ЗНАЧЕНИЕ — вес guided attention, напр. /ga 2{admin}\n"
+                "/gate ЗНАЧЕНИЕ — вес стоп-кадров гейта (если речь не останавливается), "
+                "напр. /gate 20{admin}\n"
                 "/rollback — откат к последнему исправному чекпойнту{admin}\n"
                 "/help — эта справка",
         "help_admin": " (админы)",
@@ -188,6 +210,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "usage": "❗ Использование: {usage}",
         "usage_lr": "/lr ЗНАЧЕНИЕ [запуск], напр. /lr 1e-4",
         "usage_ga": "/ga ЗНАЧЕНИЕ [запуск], напр. /ga 2",
+        "usage_gate": "/gate ЗНАЧЕНИЕ [запуск], напр. /gate 20",
         "usage_actions": "/actions [N] [запуск], N от 1 до {max}",
         "rejected_value": "❗ Команда не отправлена: {reason}",
         "sent": "📤 {action}{value} → <code>{run_id}</code>; жду ответа тренера…",
@@ -237,6 +260,15 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "indicator_restarts": "Restarts",
         "indicator_loss": "Loss",
         "indicator_quality %": "Quality, %",
+        "indicator_probes stop %": "Speech stops, % of probes",
+        "indicator_inference diagonality": "Inference diagonality",
+        "probes_header": "<b>Unseen text, free-running</b> (checkpoint of step {step}):",
+        "probes_summary": "{stopped} of {n} probes stop, median diagonality {diagonality}",
+        "probes_wer": "WER relative to espeak-ng: {wer}",
+        "probes_failure": "{probe} ({kind}): {why}, diagonality {diagonality}",
+        "probes_not_stopped": "the gate never fired",
+        "probes_bad_length": "length ×{ratio}",
+        "no_probes": "<i>No inference probes yet (they run at every checkpoint).</i>",
         "actions_header": "🛠️ <b>Actions taken</b>:",
         "no_actions": "No actions taken",
         "earlier_actions": "… and {count} earlier",
@@ -277,6 +309,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "event_stopped": "<b>Training stopped</b>",
         "event_events_dropped": "<b>Telemetry messages lost</b>",
         "event_critical": "<b>Critical error</b>",
+        "event_probes": "<b>Inference probes</b>",
         "event_step": " · step {step}",
         "data_line": "{key}: {value}",
         "summary_header": "🏁 <b>Success indicators</b>: {met}/{total}",
@@ -311,6 +344,8 @@ MESSAGES: dict[Language, dict[str, str]] = {
                 "/stop — stop training (asks to confirm){admin}\n"
                 "/lr VALUE — set the learning rate, e.g. /lr 1e-4{admin}\n"
                 "/ga VALUE — set the guided attention weight, e.g. /ga 2{admin}\n"
+                "/gate VALUE — the gate's stop-frame weight (when speech never stops), "
+                "e.g. /gate 20{admin}\n"
                 "/rollback — roll back to the last healthy checkpoint{admin}\n"
                 "/help — this help",
         "help_admin": " (admins)",
@@ -326,6 +361,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "usage": "❗ Usage: {usage}",
         "usage_lr": "/lr VALUE [run], e.g. /lr 1e-4",
         "usage_ga": "/ga VALUE [run], e.g. /ga 2",
+        "usage_gate": "/gate VALUE [run], e.g. /gate 20",
         "usage_actions": "/actions [N] [run], N from 1 to {max}",
         "rejected_value": "❗ Not sent: {reason}",
         "sent": "📤 {action}{value} → <code>{run_id}</code>; waiting for the trainer's ack…",
@@ -480,19 +516,54 @@ def _action_line(words: Mapping[str, str], record: ActionRecord) -> str:
 
 
 def _run_indicators(metrics: MetricsMessage, report: AlignmentReport | None,
-                    restarts: int) -> list[Indicator]:
+                    restarts: int, probes: ProbeReport | None) -> list[Indicator]:
     """The five indicators as the tuner judges them: the step's objective for the loss; NaN
-    (unmet) for the alignment ones until there is a report."""
+    (unmet) for the alignment ones until there is a report. Then the inference indicator
+    from the newest probe pass (NaN before the first)."""
     return evaluate_indicators(
         grad_norm=metrics.grad_norm,
         diagonality=math.nan if report is None else report.scores.diagonality,
         restarts=restarts, loss=metrics.objective,
-        quality=math.nan if report is None else report.scores.quality)
+        quality=math.nan if report is None else report.scores.quality,
+    ) + evaluate_inference(
+        math.nan if probes is None else probes.stop_percent,
+        math.nan if probes is None else probes.median_diagonality)
+
+
+def _pending(report: AlignmentReport | None, probes: ProbeReport | None) -> frozenset[str]:
+    return ((ALIGNMENT_INDICATORS if report is None else frozenset())
+            | (INFERENCE_INDICATORS if probes is None else frozenset()))
+
+
+def _probe_lines(words: Mapping[str, str], probes: ProbeReport | None) -> list[str]:
+    """The inference probes in brief: how many stop, and why the others failed."""
+    if probes is None:
+        return [words["no_probes"]]
+    lines = [words["probes_header"].format(step=probes.checkpoint_step),
+             _line(words["probes_summary"].format(
+                 stopped=probes.n - len(probes.failures), n=probes.n,
+                 diagonality=format_score(probes.median_diagonality)), 1)]
+    if probes.relative_wer is not None:
+        lines.append(_line(words["probes_wer"].format(
+            wer=f"{probes.relative_wer:+.2f}"), 1))
+    return lines + _probe_failure_lines(words, probes)
+
+
+def _probe_failure_lines(words: Mapping[str, str], probes: ProbeReport) -> list[str]:
+    lines = []
+    for failure in probes.failures[:MAX_PROBE_FAILURES_SHOWN]:
+        why = (words["probes_not_stopped"] if not failure.stopped
+               else words["probes_bad_length"].format(ratio=format_number(failure.length_ratio)))
+        lines.append(_line(f"{BULLET} " + words["probes_failure"].format(
+            probe=escape(failure.probe_id), kind=escape(failure.kind), why=why,
+            diagonality=format_score(failure.diagonality)), 1))
+    return lines
 
 
 def progress_report(run_id: str, metrics: MetricsMessage, report: AlignmentReport | None,
                     previous_report: AlignmentReport | None, actions: Sequence[ActionRecord],
-                    restarts: int, language: Language) -> str:
+                    restarts: int, language: Language,
+                    probes: ProbeReport | None = None) -> str:
     """The periodic progress report.
 
     Step, losses, pre-clip grad norm, LR, guided attention weight and clip threshold from
@@ -530,10 +601,11 @@ def progress_report(run_id: str, metrics: MetricsMessage, report: AlignmentRepor
         lines.append(words["alignment_header"].format(step=report.step))
         previous = None if previous_report is None else previous_report.scores
         lines.extend(_score_lines(words, report.scores, previous))
-    checks = _run_indicators(metrics, report, restarts)
     lines.append("")
-    lines.extend(_indicator_lines(words, checks,
-                                  ALIGNMENT_INDICATORS if report is None else frozenset()))
+    lines.extend(_probe_lines(words, probes))
+    checks = _run_indicators(metrics, report, restarts, probes)
+    lines.append("")
+    lines.extend(_indicator_lines(words, checks, _pending(report, probes)))
     lines.append("")
     lines.append(words["actions_header"])
     if not actions:
@@ -547,7 +619,8 @@ def progress_report(run_id: str, metrics: MetricsMessage, report: AlignmentRepor
 
 
 def status_report(run_id: str, metrics: MetricsMessage | None, report: AlignmentReport | None,
-                  last_event: Event | None, restarts: int, language: Language) -> str:
+                  last_event: Event | None, restarts: int, language: Language,
+                  probes: ProbeReport | None = None) -> str:
     """The run in brief (``/status``): step, loss, grad norm, LR, alignment, indicators met,
     restarts and the last event."""
     words = MESSAGES[language]
@@ -569,7 +642,7 @@ def status_report(run_id: str, metrics: MetricsMessage | None, report: Alignment
             diagonality=format_score(report.scores.diagonality),
             quality=format_percent(report.scores.quality), step=report.step))
     if metrics is not None:
-        checks = _run_indicators(metrics, report, restarts)
+        checks = _run_indicators(metrics, report, restarts, probes)
         lines.append(words["status_indicators"].format(met=sum(c.met for c in checks),
                                                        total=len(checks)))
     lines.append(words["status_restarts"].format(restarts=restarts))
@@ -716,6 +789,9 @@ def event_report(event: Event, language: Language) -> str:
     if trigger is not None:
         del data["trigger"]
         lines.append(_trigger_line(words, trigger))
+    probes = probe_report(event)
+    if probes is not None:  # its detail line says it all; the failures are the news
+        return "\n".join(lines + _probe_failure_lines(words, probes))
     checks = _parse_indicators(data.get("indicators"))
     if checks is not None:
         del data["indicators"]

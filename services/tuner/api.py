@@ -59,6 +59,7 @@ from services.core.schemas import (
     Event,
     MessageError,
     MetricsMessage,
+    ProbeReport,
 )
 from services.core.settings import ConfigError, get_settings
 from services.core.streams import (
@@ -112,6 +113,8 @@ class RunState(BaseModel):
     run_id: str
     latest_metrics: MetricsMessage | None
     latest_alignment: AlignmentReport | None
+    latest_probes: ProbeReport | None = Field(
+        description="inference probes of the newest probed checkpoint (the sixth indicator)")
     recent_events: list[Event] = Field(description=f"the last {RECENT_EVENTS}, newest last")
     counts: StreamCounts
 
@@ -305,9 +308,11 @@ def list_runs(store: Store) -> list[RunSummary]:
 @router.get("/runs/{run_id}", tags=["runs"], summary="A run's state",
             responses=ERROR_404 | ERROR_503)
 def run_state(run_id: KnownRun, store: Store) -> RunState:
-    """Newest metrics, newest alignment report, the last few events, stream lengths."""
+    """Newest metrics, newest alignment report, newest probe pass, the last few events,
+    stream lengths."""
     return RunState(run_id=run_id, latest_metrics=store.latest(run_id, MetricsMessage),
                     latest_alignment=store.latest(run_id, AlignmentReport),
+                    latest_probes=store.latest_probes(run_id),
                     recent_events=store.recent(run_id, Event, RECENT_EVENTS),
                     counts=store.counts(run_id))
 

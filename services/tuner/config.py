@@ -115,6 +115,19 @@ class AnnealRule(_Section):
     cooldown_steps: int = Field(500, ge=1)
 
 
+class InferenceRule(_Section):
+    """Aligned teacher-forced, yet free-running the gate never fires (the sixth indicator's
+    most common failure): raise the gate's positive weight."""
+
+    aligned_above: float = Field(indicators.DIAGONALITY_OK, gt=0, lt=1, description=
+                                 "teacher-forced diagonality the model must already reach")
+    stop_below: float = Field(indicators.PROBES_STOP_OK, gt=0, le=100, description=
+                              "% of probes that stop, below which a pass counts as failing")
+    min_passes: int = Field(2, ge=1, description="consecutive failing probe passes to act")
+    gate_factor: float = Field(2.0, gt=1, description="gate positive weight *= factor")
+    cooldown_steps: int = Field(200, ge=1)
+
+
 class Bounds(_Section):
     """What the tuner may command: within the trainer's own bounds (services.core.bounds)."""
 
@@ -124,6 +137,8 @@ class Bounds(_Section):
     ga_weight_min: float = Field(0.05, ge=0, description="annealing floor; also the weight a "
                                  "raise starts from when the weight is 0")
     ga_weight_max: float = Field(5.0, gt=0, description="cap of the raises")
+    gate_weight_max: float = Field(40.0, gt=0, description="cap of the gate positive "
+                                   "weight's raises (more makes the gate fire early)")
 
     @model_validator(mode="after")
     def _check(self) -> Bounds:
@@ -134,7 +149,9 @@ class Bounds(_Section):
         # A command outside the trainer's bounds would only come back "rejected".
         for action, low, high in (("set_lr", self.lr_min, self.lr_max),
                                   ("set_guided_attention_weight", self.ga_weight_min,
-                                   self.ga_weight_max)):
+                                   self.ga_weight_max),
+                                  ("set_gate_positive_weight", self.gate_weight_max,
+                                   self.gate_weight_max)):
             trainer = command_bounds.VALUE_BOUNDS[action]
             if not (trainer.contains(low) and trainer.contains(high)):
                 raise ValueError(f"{action} bounds [{low:g}, {high:g}] must lie within the "
@@ -171,6 +188,7 @@ class TunerConfig(_Section):
     non_finite: NonFiniteRule = Field(default_factory=NonFiniteRule)
     restarts: RestartsRule = Field(default_factory=RestartsRule)
     anneal: AnnealRule = Field(default_factory=AnnealRule)
+    inference: InferenceRule = Field(default_factory=InferenceRule)
     bounds: Bounds = Field(default_factory=Bounds)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
 

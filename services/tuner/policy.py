@@ -41,11 +41,13 @@ RULE_ALIGNMENT = "alignment"
 RULE_ALIGNMENT_RED_FLAG = "alignment_red_flag"
 RULE_ANNEAL = "anneal"
 RULE_INDICATORS = "indicators"
+RULE_INFERENCE = "inference"
 
 # An LR within this relative distance of the floor counts as at the floor (float noise).
 _AT_FLOOR = 1e-6
 
-MeasuredMetric = Literal["grad_norm", "diagonality", "objective", "non_finite"]
+MeasuredMetric = Literal["grad_norm", "diagonality", "objective", "non_finite",
+                         "probes_stop"]
 
 
 class EventSpec(BaseModel):
@@ -332,6 +334,35 @@ def _alignment(b: _Builder) -> list[Decision]:
     return [b.command(RULE_ALIGNMENT, trigger, "set_guided_attention_weight", new, measure)]
 
 
+def _inference(b: _Builder) -> list[Decision]:
+    """Aligned teacher-forced, but on the last probe passes the gate mostly never fired:
+    raise the gate's positive weight (a gate that fires too early is not this rule's)."""
+    cfg = b.config.inference
+    window = b.window
+    weight = window.gate_weight
+    cap = b.config.bounds.gate_weight_max
+    latest = window.latest_report
+    if weight is None or weight >= cap or latest is None \
+            or latest.scores.diagonality <= cfg.aligned_above:
+        return []
+    since = window.memory.last_fired.get(RULE_INFERENCE, -1)
+    passes = [p for p in window.probes if p.checkpoint_step > since][-cfg.min_passes:]
+    if len(passes) < cfg.min_passes or not all(
+            p.stop_percent < cfg.stop_below
+            and 2 * sum(not f.stopped for f in p.failures) >= len(p.failures)
+            for p in passes):
+        return []
+    if not b.can_command(RULE_INFERENCE, ("set_gate_positive_weight",), cfg.cooldown_steps):
+        return []
+    new = min(cap, weight * cfg.gate_factor)
+    trigger = Trigger(rule=RULE_INFERENCE, metric="probes_stop",
+                      value=passes[-1].stop_percent, threshold=cfg.stop_below,
+                      window=passes[-1].checkpoint_step - passes[0].checkpoint_step)
+    measure = Measure(metric="probes_stop", before=passes[-1].stop_percent,
+                      target=cfg.stop_below, recovered_when="above")
+    return [b.command(RULE_INFERENCE, trigger, "set_gate_positive_weight", new, measure)]
+
+
 def _alignment_red_flag(b: _Builder) -> list[Decision]:
     """Diagonality below the red flag after warm-up: one critical event until recovered."""
     cfg = b.config.alignment
@@ -408,7 +439,7 @@ def _indicators(b: _Builder) -> list[Decision]:
 
 # Priority order: a rule earlier in the list gets a setting first when two want it.
 _COMMAND_RULES: tuple[Callable[[_Builder], list[Decision]], ...] = (
-    _non_finite, _grad_norm, _plateau, _alignment, _anneal)
+    _non_finite, _grad_norm, _plateau, _alignment, _anneal, _inference)
 _EVENT_RULES: tuple[Callable[[_Builder], list[Decision]], ...] = (
     _alignment_red_flag, _indicators)
 
@@ -442,6 +473,11 @@ def measure_effect(window: RunWindow, measure: Measure, since_step: int, steps: 
         value = sum(finite) / len(finite) if finite else math.nan
     elif measure.metric == "non_finite" and after:
         value = float(sum(1 for m in after if not m.finite))
+    elif measure.metric == "probes_stop":
+        # Probes run at checkpoints, in the background: the newest pass of a checkpoint
+        # taken after the command, whenever it arrived.
+        passes = [p for p in window.probes if p.checkpoint_step > since_step]
+        value = passes[-1].stop_percent if passes else math.nan
     elif measure.metric == "diagonality":
         reports = [r for r in window.reports if since_step < r.step <= since_step + steps]
         value = reports[-1].scores.diagonality if reports else math.nan

@@ -19,12 +19,21 @@ from collections import deque
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.core.plateau import is_improvement
-from services.core.schemas import Ack, AlignmentReport, Event, MetricsMessage
+from services.core.schemas import (
+    Ack,
+    AlignmentReport,
+    Event,
+    MetricsMessage,
+    ProbeReport,
+    probe_report,
+)
 from services.tuner.config import TunerConfig
 
 # Which trainer setting a value command changes; two rules never move one knob at once.
 KNOB_OF_ACTION = {"set_lr": "lr", "set_guided_attention_weight": "ga_weight",
-                  "set_grad_clip": "clip", "rollback": "weights"}
+                  "set_grad_clip": "clip", "set_gate_positive_weight": "gate_weight",
+                  "rollback": "weights"}
+PROBES_KEPT = 8  # probe passes remembered per run: enough to see a trend
 # Latch set by any stop command: nothing more is commanded until the run starts again.
 STOPPED = "stopped"
 
@@ -79,6 +88,9 @@ class RunWindow:
         self.lr: float | None = None
         self.ga_weight: float | None = None
         self.clip_threshold: float | None = None
+        self.gate_weight: float | None = None
+        # Inference probe passes (the sixth indicator), oldest first.
+        self.probes: deque[ProbeReport] = deque(maxlen=PROBES_KEPT)
 
     # ------------------------------------------------------------------ read side
 
@@ -160,6 +172,8 @@ class RunWindow:
         self.lr = message.lr
         self.ga_weight = message.guided_attention_weight
         self.clip_threshold = message.clip_threshold
+        if message.gate_positive_weight is not None:
+            self.gate_weight = message.gate_positive_weight
 
     def _rewind(self, step: int) -> None:
         """The trainer went back to ``step`` (rollback or resume): forget what it undid."""
@@ -210,6 +224,9 @@ class RunWindow:
                 memory.last_restart_ts = max(memory.last_restart_ts, event.ts)
             memory.ended = False
             memory.latched.discard(STOPPED)
+        elif (report := probe_report(event)) is not None:
+            if not self.probes or report.checkpoint_step > self.probes[-1].checkpoint_step:
+                self.probes.append(report)
         elif event.event == "checkpoint_saved" and event.data.get("healthy") is True:
             # The trainer's own rule: a healthy checkpoint after a restart ends the crash loop.
             memory.consecutive_restarts = 0
@@ -228,6 +245,8 @@ class RunWindow:
             self.ga_weight = ack.after
         elif ack.action == "set_grad_clip":
             self.clip_threshold = ack.after
+        elif ack.action == "set_gate_positive_weight":
+            self.gate_weight = ack.after
 
     def expire_in_flight(self, now: float, grace_s: float) -> list[InFlight]:
         """Drop in-flight commands past expiry + grace (the trainer never answered)."""
