@@ -67,6 +67,31 @@ def test_value_commands_are_applied_with_before_and_after(rig, run_id):
     assert [o["source"] for o in trainer.overrides] == ["test"] * 3
 
 
+def test_the_gate_weight_knob_changes_the_loss_and_survives_a_rollback(rig, run_id):
+    trainer, handler, client, publisher = rig
+    too_heavy = _send(client, run_id, action="set_gate_positive_weight", value=500.0)
+    gate = _send(client, run_id, action="set_gate_positive_weight", value=20.0)
+    _handle(handler, trainer)
+    acks = _acks(client, run_id, publisher)
+    assert acks[too_heavy.command_id].status == "rejected"
+    assert "outside" in acks[too_heavy.command_id].detail
+    assert acks[gate.command_id].status == "applied"
+    assert (acks[gate.command_id].before, acks[gate.command_id].after) == (5.0, 20.0)
+    batch = next(trainer._batches())
+    assert trainer.train_step(batch).gate_positive_weight == 20.0
+    # The weight reaches the loss: the same batch's gate term is heavier than at 5.
+    trainer.model.eval()
+    heavy = trainer._forward(batch)[1].gate
+    trainer.gate_positive_weight = 5.0
+    light = trainer._forward(batch)[1].gate
+    assert float(heavy) > float(light)
+    trainer.gate_positive_weight = 20.0
+    trainer.save_checkpoint()
+    trainer.rollback("test")  # a rollback keeps the run-time settings
+    assert trainer.gate_positive_weight == 20.0
+    assert [o["kind"] for o in trainer.overrides] == ["set_gate_positive_weight", "rollback"]
+
+
 def test_bad_commands_are_rejected_with_reasons_and_change_nothing(rig, run_id):
     trainer, handler, client, publisher = rig
     too_high = _send(client, run_id, action="set_lr", value=0.5)

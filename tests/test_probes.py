@@ -178,3 +178,37 @@ def test_once_it_spoke_a_checkpoint_that_no_longer_does_is_no_rollback_target(
                       progress=False, resume=True, resume_from="best")
     best = max(trainer.checkpoints.entries(), key=lambda e: (e.probe_score, e.step))
     assert resumed.step == best.step
+
+
+def test_probe_passes_reach_the_bus_and_prometheus(small_corpus, small_config, tmp_path,
+                                                   redis_url, run_id, one_thread) -> None:
+    """Real Redis and a real metrics endpoint: a probes event per pass, the newest in the
+    run store (what the API and the bot read), and the gauges the alert rule reads."""
+    import httpx
+    import redis
+
+    from services.core.runstore import RunStore
+    from services.trainer.exporter import serve_metrics
+    from services.trainer.link import attach
+
+    cfg = small_config
+    cfg.probes.enabled = True
+    cfg.probes.background = False
+    cfg.probes.wer = False
+    trainer = Trainer(cfg, small_corpus, tmp_path / "run", progress=False, run_id=run_id,
+                      cache_dir=small_corpus / ".features")
+    link = attach(trainer, redis_url, enqueue_scoring=False)
+    _, server, _ = serve_metrics(trainer, 0, addr="127.0.0.1")
+    try:
+        trainer.train(max_steps=10)
+        assert link.close()
+        text = httpx.get(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5).text
+    finally:
+        server.shutdown()
+    store = RunStore(redis.Redis.from_url(redis_url))
+    latest = store.latest_probes(run_id)
+    assert latest is not None and latest.checkpoint_step == 10 and latest.n == 12
+    assert latest.stop_percent == 100 * trainer.last_probes.stop_share
+    assert len(latest.failures) == sum(not r.ok for r in trainer.last_probes.results)
+    assert f'smart_tuner_trainer_probes_checkpoint_step{{run="{run_id}"}} 10.0' in text
+    assert f'smart_tuner_trainer_probes_stop_ratio{{run="{run_id}"}}' in text
