@@ -14,6 +14,7 @@ lock, so one instance may be shared by the threads of a background worker.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
@@ -63,7 +64,7 @@ class AsrError(RuntimeError):
     """The recogniser or the espeak-ng reference could not produce a transcript."""
 
 
-class RecognizerNotInstalled(AsrError):
+class RecognizerNotInstalledError(AsrError):
     """The recogniser's package or its model files are missing."""
 
 
@@ -141,6 +142,7 @@ class Recognizer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._decoder: Any = None  # pocketsphinx.Decoder once started
+        self._initial_cmn = ""  # the model's own cepstral mean, restored per utterance
         self._log_path: Path | None = None
 
     @classmethod
@@ -172,18 +174,18 @@ class Recognizer:
             return self._decoder
         ok, reason = self.available()
         if not ok:
-            raise RecognizerNotInstalled(reason)
+            raise RecognizerNotInstalledError(reason)
         from pocketsphinx import Decoder
 
         if self._log_path is None:
-            handle = tempfile.NamedTemporaryFile(prefix="pocketsphinx-", suffix=".log",
-                                                 delete=False)
-            handle.close()
-            self._log_path = Path(handle.name)
+            descriptor, name = tempfile.mkstemp(prefix="pocketsphinx-", suffix=".log")
+            os.close(descriptor)
+            self._log_path = Path(name)
         try:
             # Defaults are the bundled US English model at 16 kHz.
             self._decoder = Decoder(loglevel=_DECODER_LOG_LEVEL, logfn=str(self._log_path),
                                     samprate=RECOGNIZER_SAMPLE_RATE)
+            self._initial_cmn = self._decoder.get_cmn(False)
         except Exception as exc:
             raise AsrError(f"{RECOGNIZER_PACKAGE} failed to start ({exc}); "
                            f"its log ends:\n{self._log_tail()}") from exc
@@ -192,13 +194,18 @@ class Recognizer:
     def transcribe(self, wav: np.ndarray, sample_rate: int) -> str:
         """Return the words heard in mono float audio ``wav`` (any rate; "" for none).
 
-        Raises RecognizerNotInstalled when the recogniser is missing, AsrError when it
+        Raises RecognizerNotInstalledError when the recogniser is missing, AsrError when it
         fails (with the tail of its log), ValueError for audio that is not mono or finite.
         """
         pcm = _to_pcm16(wav, sample_rate)
         with self._lock:
             decoder = self._start()
             try:
+                # The front end (noise estimate, cepstral mean) adapts across utterances:
+                # each starts afresh, or a transcript would depend on what came before
+                # (espeak-ng's own sentence lost two words after a noise clip).
+                decoder.reinit_feat()
+                decoder.set_cmn(self._initial_cmn)
                 decoder.start_utt()
                 decoder.process_raw(pcm, no_search=False, full_utt=True)
                 decoder.end_utt()
@@ -206,7 +213,7 @@ class Recognizer:
             except Exception as exc:
                 # A failed utterance can leave the decoder mid-utterance; rebuild it next time.
                 self._decoder = None
-                raise AsrError(f"{RECOGNIZER_PACKAGE} failed on {pcm.__len__() // 2} samples "
+                raise AsrError(f"{RECOGNIZER_PACKAGE} failed on {len(pcm) // 2} samples "
                                f"({exc}); its log ends:\n{self._log_tail()}") from exc
         return "" if hypothesis is None else " ".join(hypothesis.hypstr.split())
 

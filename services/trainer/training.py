@@ -352,10 +352,11 @@ class Trainer:
         if settings.wer and "en" in self.languages:
             from services.diagnostics.asr import Recognizer
 
-            if Recognizer.available():
+            installed, reason = Recognizer.available()
+            if installed:
                 recognizer = Recognizer()
             else:
-                log.info("probes: no word error rate (%s)", Recognizer.unavailable_reason())
+                log.info("probes: no word error rate (%s)", reason)
         return ProbeRunner(self.cfg, self.store.mean, self.store.std,
                            probes_for(self.languages), self.frames_per_symbol,
                            recognizer=recognizer, background=settings.background)
