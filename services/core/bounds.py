@@ -1,7 +1,7 @@
 """The bounds of every value a command may set: the trainer's own, named once.
 
 The trainer checks each command against these before applying it (it never trusts the
-sender, DESIGN.md); the control API and the bot check the same bounds first, so a person
+sender); the control API and the bot check the same bounds first, so a person
 gets the reason at once instead of a ``rejected`` ack a few steps later. The bounds are
 deliberately tighter than what a training config accepts: a config is reviewed before a
 run, a command is typed in the middle of one.

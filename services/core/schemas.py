@@ -1,4 +1,4 @@
-"""Versioned message schemas for every stream of DESIGN.md.
+"""Versioned message schemas for every stream of the bus (services/core/streams.py).
 
 Every message carries ``v`` (the schema version) and ``run_id``. On the wire a message is
 one stream entry with a single field ``data`` holding its JSON (NaN and infinities are

@@ -19,7 +19,7 @@ DEAD_LETTER_STREAM = f"{PREFIX}:dead-letter"  # one for all runs: a bad message 
 
 
 class Stream(StrEnum):
-    """The per-run streams of DESIGN.md."""
+    """The per-run streams."""
 
     METRICS = "metrics"
     ATTENTION = "attention"

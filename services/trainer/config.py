@@ -185,12 +185,13 @@ def _tiny() -> TrainConfig:
             prenet_dim=128,
             postnet_embedding_dim=256,
             # r=3: the decoder loop dominates CPU step time; three frames per step was the
-            # fastest to a clean alignment in wall-clock terms (shared/notes/cpu-feasibility.md).
+            # fastest to a clean alignment in wall-clock terms (a sweep of r = 1, 2, 3 on 2
+            # CPU cores).
             n_frames_per_step=3,
             max_decoder_steps=400,
         ),
         optim=OptimConfig(
-            # Measured on 2 CPU cores (cpu-feasibility.md and bench/alignment.py): with guided
+            # Measured on 2 CPU cores (a feasibility sweep and bench/alignment.py): with guided
             # attention, lr 1e-3 aligns (diagonality > 0.7) in ~100 steps, while 1e-4 had not
             # aligned after 427 steps. The plan's 1e-4 was a reaction to gradient norms that
             # were an fp16 unscaling artefact; the tuner lowers the LR if norms really misbehave.

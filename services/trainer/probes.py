@@ -158,7 +158,8 @@ def run_probes(synthesizer: Synthesizer, probes: Sequence[Probe], rate: float, s
     """Speak every probe free-running and judge it; ``rate`` is ``frames_per_symbol``.
 
     ``recognizer`` (services.diagnostics.asr.Recognizer), when given, adds a word error
-    rate to English probes, relative to its error on espeak-ng's rendering of the text.
+    rate to English probes that stopped at a sane length, relative to its error on
+    espeak-ng's rendering of the same words.
     """
     started = time.perf_counter()
     r = synthesizer.cfg.model.n_frames_per_step
@@ -169,13 +170,15 @@ def run_probes(synthesizer: Synthesizer, probes: Sequence[Probe], rate: float, s
         # The cut follows the probe, not the model's max_decoder_steps: a safety limit
         # set for the training data must not fail a long probe that would have stopped.
         cut = math.ceil(STOP_RATIO_MAX * RUN_MARGIN * expected / r)
-        wants_wer = recognizer is not None and probe.language == "en"
         spoken = synthesizer.synthesize(probe.text, probe.language, seed=PROBE_SEED,
-                                        max_decoder_steps=cut, vocode=wants_wer)
+                                        max_decoder_steps=cut, vocode=False)
         result = judge(probe, spoken.stopped, spoken.mel.shape[1], expected, spoken.scores)
-        if wants_wer:
-            result = _with_wer(result, spoken.normalized_text, spoken.wav,
-                               spoken.sample_rate, recognizer, wer_cache)
+        # Only a probe that stopped at a sane length is worth hearing: the vocoder and the
+        # recogniser are most of a pass's cost, and a run-on's words say nothing new.
+        if recognizer is not None and probe.language == "en" and result.ok:
+            result = _with_wer(result, spoken.normalized_text,
+                               synthesizer.vocode(spoken.mel), synthesizer.cfg.audio.sample_rate,
+                               recognizer, wer_cache)
         results.append(result)
     return summarize(results, step, time.perf_counter() - started)
 

@@ -85,11 +85,14 @@ class Synthesizer:
         alignment = output.alignments[0].cpu().numpy()
         scores = alignment_scores(alignment[None], np.array([len(encoded.ids)]),
                                   np.array([(frames + r - 1) // r]))
-        wav = (griffin_lim(mel * self.std + self.mean, self.cfg.audio) if vocode
-               else np.zeros(0, dtype=np.float32))
+        wav = self.vocode(mel.numpy()) if vocode else np.zeros(0, dtype=np.float32)
         return Synthesis(wav=wav, sample_rate=self.cfg.audio.sample_rate, mel=mel.numpy(),
                          alignment=alignment, stopped=stopped, scores=scores,
                          normalized_text=encoded.normalized, n_symbols=len(encoded.ids))
+
+    def vocode(self, mel: np.ndarray) -> np.ndarray:
+        """Waveform of a normalised log-mel ``[n_mels, frames]`` (Griffin-Lim)."""
+        return griffin_lim(torch.as_tensor(mel) * self.std + self.mean, self.cfg.audio)
 
     def to_files(self, text: str, out: Path, language: str = "auto", seed: int = 0
                  ) -> tuple[Synthesis, Path]:
