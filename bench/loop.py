@@ -63,6 +63,7 @@ def bench_step_overhead(data: Path, redis_url: str, pairs: int, workdir: Path) -
     """Same batches, alternating telemetry on and off."""
     cfg = preset("tiny")
     cfg.run.eval_every = 10**6  # steps only: evaluation costs the same either way
+    cfg.probes.enabled = False  # a probe pass beside the steps would blur the ratio
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
     trainer = Trainer(cfg, data, workdir / "overhead", progress=False, run_id=run_id)
     link = attach(trainer, redis_url, enqueue_scoring=False)
@@ -116,6 +117,7 @@ def bench_reaction(data: Path, redis_url: str, trials: int, workdir: Path, width
     for trial in range(trials):
         cfg = _micro(preset("tiny")) if width == "micro" else preset("tiny")
         cfg.run.eval_every = cfg.run.checkpoint_every = 10**6
+        cfg.probes.enabled = False
         run_id = f"bench-{uuid.uuid4().hex[:8]}"
         trainer = Trainer(cfg, data, workdir / f"reaction-{width}-{trial}", progress=False,
                           run_id=run_id, fault=FaultPlan(kind="grad_spike", start=3, steps=3,

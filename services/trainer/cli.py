@@ -277,7 +277,7 @@ def print_summary(summary: dict) -> None:
     console.print(table)
     first = summary["indicators_first_met"]
     if first:
-        console.print(f"all five indicators first met at step {first['step']} "
+        console.print(f"all indicators first met at step {first['step']} "
                       f"after {first['minutes']:.1f} min")
     scores = {k: round(v, 3) for k, v in summary["alignment"].items()}
     console.print(f"skipped non-finite steps: {summary['skipped_steps']}; "

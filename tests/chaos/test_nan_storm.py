@@ -42,6 +42,9 @@ def test_nan_storm_rolls_back_and_the_run_still_succeeds(demo_corpus, tmp_path, 
                                                          run_id, chaos) -> None:
     cfg = preset("tiny")
     cfg.run.checkpoint_every = CHECKPOINT_EVERY
+    # The storm is the subject: the verdict is the plan's five. Probes at every 20-step
+    # checkpoint would double the test's time; tests/test_probes.py covers them.
+    cfg.probes.enabled = False
     trainer = Trainer(cfg, demo_corpus, tmp_path / "run", progress=False, run_id=run_id,
                       cache_dir=demo_corpus / ".features",
                       fault=FaultPlan(kind="nan_grad", start=STORM_START, steps=STORM_STEPS))
