@@ -212,7 +212,8 @@ def test_every_train_option_is_passed_through_or_owned_by_up() -> None:
 
 def test_the_passed_arguments_parse_back_to_the_same_values(tmp_path: Path) -> None:
     values = {"config": RECIPE, "preset": "base", "lr": 5e-4, "amp": True, "seed": 3,
-              "until_indicators": True, "ignore_layers": "embedding", "max_minutes": 1.5}
+              "until_indicators": True, "ignore_layers": "embedding", "max_minutes": 1.5,
+              "data_check": False}
     command = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
     ctx = command.make_context("train", ["--data", "d", "--out", "o",
                                          *launcher_cli.train_args(values)])

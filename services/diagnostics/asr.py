@@ -200,6 +200,8 @@ class Recognizer:
         pcm = _to_pcm16(wav, sample_rate)
         with self._lock:
             decoder = self._start()
+            if not pcm:  # no audio, no words (the decoder indexes past an empty buffer)
+                return ""
             try:
                 # The front end (noise estimate, cepstral mean) adapts across utterances:
                 # each starts afresh, or a transcript would depend on what came before

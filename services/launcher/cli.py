@@ -25,7 +25,7 @@ TRAIN_OPTIONS: tuple[str, ...] = (
     "config", "preset", "max_steps", "max_minutes", "until_indicators", "eval_every",
     "checkpoint_every", "batch_size", "val_size", "lr", "warmup_steps", "ga_weight",
     "ga_sigma", "gate_pos_weight", "seed", "amp", "warm_start", "ignore_layers",
-    "inject_fault",
+    "data_check", "inject_fault",
 )
 # The rest of train's options: up's own (--data, --out, --run-id) or set by up itself
 # (--resume --resume-from last_good on every start, so that a restart resumes; telemetry on).
