@@ -23,20 +23,17 @@ from typing import Any
 from celery import Celery, signals
 
 from services.core.settings import ConfigError, get_settings
-from services.core.tasks import SERIALIZER, diagnostics_queue
+from services.core.tasks import (
+    SERIALIZER,
+    TASK_SOFT_TIME_LIMIT_S,
+    TASK_TIME_LIMIT_S,
+    diagnostics_queue,
+    visibility_timeout,
+)
 from services.diagnostics import exporter
 
 log = logging.getLogger(__name__)
 
-# A task runs for well under a second; the hard limit stops a wedged one, and the Redis
-# visibility timeout (after which an unacked task is handed to another worker) must exceed
-# the hard limit plus the time a prefetched task may wait, or healthy tasks get run twice.
-TASK_SOFT_TIME_LIMIT_S = 60
-TASK_TIME_LIMIT_S = 120
-VISIBILITY_TIMEOUT_S = 600
-# Also how long the tasks of a worker killed outright (SIGKILL, OOM, a lost node) wait before
-# another worker gets them; set it lower where task times allow.
-VISIBILITY_TIMEOUT_ENV = "SMART_TUNER_DIAGNOSTICS_VISIBILITY_TIMEOUT_S"
 RESULT_EXPIRES_S = 3600  # results are for debugging and tests; the report is in the stream
 
 
@@ -48,25 +45,6 @@ def _redis_url() -> str:
                           "as its Celery broker and result backend, e.g. "
                           "SMART_TUNER_REDIS_URL=redis://localhost:6379/0")
     return url
-
-
-def visibility_timeout() -> float:
-    """``$SMART_TUNER_DIAGNOSTICS_VISIBILITY_TIMEOUT_S`` or the default; ConfigError if bad."""
-    value = os.environ.get(VISIBILITY_TIMEOUT_ENV, "").strip()
-    if not value:
-        return VISIBILITY_TIMEOUT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if seconds <= 0:
-        raise ConfigError(f"{VISIBILITY_TIMEOUT_ENV} must be a positive number of seconds, "
-                          f"got {value!r}")
-    if seconds <= TASK_TIME_LIMIT_S:
-        log.warning("%s=%g is below the task time limit (%d s): a slow task may be run "
-                    "twice (harmless: reports are published once)", VISIBILITY_TIMEOUT_ENV,
-                    seconds, TASK_TIME_LIMIT_S)
-    return seconds
 
 
 def create_app() -> Celery:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from services.core.bus import Publisher, connect
 from services.trainer.commands import CommandHandler
+from services.trainer.scoring import redis_outbox
 from services.trainer.telemetry import Telemetry
 from services.trainer.training import Trainer
 
@@ -28,23 +29,12 @@ class BusLink:
         could not be sent."""
         self.commands.close()
         flushed = self.publisher.close(FLUSH_TIMEOUT_S)
+        if self.telemetry.scoring is not None:
+            self.telemetry.scoring.close()
         if not flushed:
             log.warning("telemetry not fully flushed: %d messages still buffered",
                         self.publisher.stats.buffered)
         return flushed
-
-
-def score_enqueuer(redis_url: str):
-    """``enqueue(run_id, entry_id)`` sending the scoring task by name to the diagnostics queue."""
-    from services.core.tasks import SCORE_ALIGNMENT, diagnostics_queue, make_client
-
-    app = make_client(redis_url)
-    queue = diagnostics_queue()
-
-    def enqueue(run_id: str, entry_id: str) -> None:
-        app.send_task(SCORE_ALIGNMENT, args=[run_id, entry_id], queue=queue)
-
-    return enqueue
 
 
 def process_rank() -> int:
@@ -70,8 +60,11 @@ def attach(trainer: Trainer, redis_url: str, snapshot_every: int | None = None,
     client = connect(redis_url)
     run_id = trainer.run_state.run_id
     publisher = Publisher(client, run_id)
+    scoring = redis_outbox(redis_url) if enqueue_scoring else None
+    if scoring is not None:
+        scoring.start()
     telemetry = Telemetry(publisher, run_id, snapshot_every or trainer.cfg.run.eval_every,
-                          enqueue=score_enqueuer(redis_url) if enqueue_scoring else None)
+                          scoring=scoring)
     publisher.on_send = telemetry.on_sent
     commands = CommandHandler(client, run_id, publisher)
     trainer.observers.append(telemetry)

@@ -2,8 +2,8 @@
 
 A ``TrainingObserver`` that turns the loop's events into schema messages and hands them to
 the non-blocking ``Publisher``; it never waits on Redis. When a snapshot has reached Redis
-(the publisher reports its entry id), the diagnostics task is enqueued *by name*: the
-trainer imports no worker code.
+(the publisher reports its entry id), the scoring outbox enqueues the diagnostics task *by
+name* (the trainer imports no worker code) and sees that each snapshot gets its report.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from services.core.schemas import (
 from services.core.streams import Stream
 from services.trainer.checkpoints import CheckpointInfo
 from services.trainer.probes import ProbeSummary
+from services.trainer.scoring import ScoringOutbox
 from services.trainer.training import EvalResult, StepMetrics, Trainer, TrainingObserver
 
 log = logging.getLogger(__name__)
@@ -41,22 +42,19 @@ class Telemetry(TrainingObserver):
     """Publishes what the trainer does; attention every ``snapshot_every`` steps."""
 
     def __init__(self, publisher: Publisher, run_id: str, snapshot_every: int,
-                 samples: int = SNAPSHOT_SAMPLES, enqueue: Any | None = None):
-        """``enqueue(run_id, entry_id)`` schedules scoring of a stored snapshot."""
+                 samples: int = SNAPSHOT_SAMPLES, scoring: ScoringOutbox | None = None):
+        """``scoring`` has each stored snapshot scored (none: nobody scores them)."""
         self.publisher = publisher
         self.run_id = run_id
         self.snapshot_every = snapshot_every
         self.samples = samples
-        self.enqueue = enqueue
+        self.scoring = scoring
         self._last_snapshot_step = -1
 
     def on_sent(self, stream: Stream, message: Message, entry_id: str) -> None:
         """Publisher callback: a snapshot is in Redis, so it can be scored now."""
-        if stream is Stream.ATTENTION and self.enqueue is not None:
-            try:
-                self.enqueue(self.run_id, entry_id)
-            except Exception as error:  # the broker is Redis too; it may be going down
-                log.warning("could not enqueue scoring of %s: %s", entry_id, error)
+        if isinstance(message, AttentionSnapshot) and self.scoring is not None:
+            self.scoring.submit(self.run_id, entry_id, message.snapshot_id)
 
     def on_step(self, trainer: Trainer, metrics: StepMetrics) -> None:
         """One metrics message per optimizer step."""
