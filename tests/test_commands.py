@@ -84,7 +84,7 @@ def test_the_gate_weight_knob_changes_the_loss_and_survives_a_rollback(rig, run_
     heavy = trainer._forward(batch)[1].gate
     trainer.gate_positive_weight = 5.0
     light = trainer._forward(batch)[1].gate
-    assert float(heavy) > float(light)
+    assert heavy.item() > light.item()
     trainer.gate_positive_weight = 20.0
     trainer.save_checkpoint()
     trainer.rollback("test")  # a rollback keeps the run-time settings

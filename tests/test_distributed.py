@@ -181,10 +181,19 @@ class _Operator:
         self.sent: dict[str, Command] = {}
 
     def send(self, action: str, value: float | None = None) -> str:
-        command = Command(run_id=self.run_id, source="test", action=action, value=value)
-        self.client.xadd(stream_key(self.run_id, Stream.COMMANDS), encode(command))
-        self.sent[command.command_id] = command
-        return command.command_id
+        return self.send_together((action, value))[0]
+
+    def send_together(self, *actions: tuple[str, float | None]) -> tuple[str, ...]:
+        """Commands written in one transaction: the trainer's reader gets them in one read
+        (two plain XADDs could fall either side of a step boundary; CI saw that once)."""
+        commands = [Command(run_id=self.run_id, source="test", action=action, value=value)
+                    for action, value in actions]
+        pipe = self.client.pipeline(transaction=True)
+        for command in commands:
+            pipe.xadd(stream_key(self.run_id, Stream.COMMANDS), encode(command))
+            self.sent[command.command_id] = command
+        pipe.execute()
+        return tuple(command.command_id for command in commands)
 
     def acks(self) -> list[Ack]:
         return [decode(f, Ack) for _, f in
@@ -210,8 +219,8 @@ def _drive(operator: _Operator, ctx: Any) -> dict[str, Any]:
             continue
         published = operator.steps_published()
         if phase == "warm-up" and published >= 2:
-            pending = (operator.send("set_lr", 2e-4),
-                       operator.send("set_guided_attention_weight", 3.0))
+            pending = operator.send_together(("set_lr", 2e-4),
+                                             ("set_guided_attention_weight", 3.0))
             phase = "settings"
         elif phase == "settings" and published >= 7:  # the step-5 checkpoint is written
             pending = (operator.send("rollback"),)

@@ -61,6 +61,10 @@ class CommandHandler:
         self.seen: OrderedDict[str, str] = OrderedDict()
         self.acks: list[Ack] = []  # this process's acks, newest last (bounded)
         self._inbox: queue.Queue[Delivery] = queue.Queue()
+        # Held while one read's commands go into the inbox: the training thread, woken by
+        # the first, waits for the rest of that read, so commands written together (the
+        # tuner's rollback + set_lr) are applied at the same step.
+        self._filling = threading.Lock()
         self._handled: queue.Queue[Delivery] = queue.Queue()  # to be acked by the reader
         self._rounds = 0  # completed reads; lets sync() wait for a read that started later
         self._round_done = threading.Condition()
@@ -78,11 +82,9 @@ class CommandHandler:
                 self._ack_handled()
                 if not pending_done:
                     # Entries this consumer read before a crash but never acked.
-                    for delivery in self.consumer.pending(MAX_COMMANDS_PER_STEP):
-                        self._inbox.put(delivery)
+                    self._fill(self.consumer.pending(MAX_COMMANDS_PER_STEP))
                     pending_done = True
-                for delivery in self.consumer.poll(READ_BLOCK_MS, MAX_COMMANDS_PER_STEP):
-                    self._inbox.put(delivery)
+                self._fill(self.consumer.poll(READ_BLOCK_MS, MAX_COMMANDS_PER_STEP))
                 self._ack_handled()
             except CONNECTION_ERRORS as error:
                 log.warning("commands stream unreachable (%s); retrying in %.0f s", error,
@@ -94,6 +96,11 @@ class CommandHandler:
             with self._round_done:
                 self._rounds += 1
                 self._round_done.notify_all()
+
+    def _fill(self, deliveries: list[Delivery]) -> None:
+        with self._filling:
+            for delivery in deliveries:
+                self._inbox.put(delivery)
 
     def _ack_handled(self) -> None:
         while True:
@@ -134,12 +141,15 @@ class CommandHandler:
         """Apply the commands that arrived since the last step; never raises, never blocks
         for more than ``wait_s``."""
         wait = 0.0 if trainer.paused else self.wait_s(trainer)
-        for _ in range(MAX_COMMANDS_PER_STEP):
+        for index in range(MAX_COMMANDS_PER_STEP):
             try:
                 delivery = self._inbox.get(timeout=wait) if wait > 0 else \
                     self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if index == 0:
+                with self._filling:  # the rest of the first command's read is in now
+                    pass
             wait = 0.0  # only the first command is worth waiting for
             assert isinstance(delivery.message, Command)
             ack = self.apply(trainer, delivery.message)
