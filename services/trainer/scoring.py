@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.core.streams import diagnostics_done_key
 from services.core.tasks import TASK_TIME_LIMIT_S, visibility_timeout
@@ -46,7 +46,7 @@ class Pending:
 
 @dataclass
 class OutboxStats:
-    """What the outbox has done so far (for logs, tests and the closing summary)."""
+    """What the outbox has done so far (for logs and tests); ``pending`` as of reading."""
 
     sent: int = 0
     confirmed: int = 0
@@ -74,11 +74,17 @@ class ScoringOutbox:
     resend_after_s: float = field(default_factory=default_resend_after_s)
     max_resends: int = MAX_RESENDS
     clock: Callable[[], float] = time.monotonic
-    stats: OutboxStats = field(default_factory=OutboxStats)
+    _counts: OutboxStats = field(default_factory=OutboxStats, repr=False)
     _pending: dict[str, Pending] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def stats(self) -> OutboxStats:
+        """The running totals and the snapshots still pending, as of now (a copy)."""
+        with self._lock:
+            return replace(self._counts, pending=len(self._pending))
 
     def submit(self, run_id: str, entry_id: str, snapshot_id: str) -> None:
         """Send the scoring task for a stored snapshot and remember it until it is scored.
@@ -89,11 +95,11 @@ class ScoringOutbox:
             if len(self._pending) >= MAX_PENDING:
                 oldest = min(self._pending.values(), key=lambda p: p.sent_at)
                 del self._pending[oldest.snapshot_id]
-                self.stats.abandoned += 1
+                self._counts.abandoned += 1
                 log.warning("scoring outbox full: gave up on snapshot %s", oldest.entry_id)
             pending = Pending(run_id, entry_id, snapshot_id, self.clock())
             self._pending[snapshot_id] = pending
-            self.stats.sent += 1
+            self._counts.sent += 1
         if not self._send(run_id, entry_id):
             with self._lock:  # overdue at once: the next reconcile sends it
                 pending.sent_at -= self.resend_after_s
@@ -113,24 +119,22 @@ class ScoringOutbox:
             with self._lock:
                 if scored:
                     self._pending.pop(pending.snapshot_id, None)
-                    self.stats.confirmed += 1
+                    self._counts.confirmed += 1
                     continue
                 if pending.resends >= self.max_resends:
                     self._pending.pop(pending.snapshot_id, None)
-                    self.stats.abandoned += 1
+                    self._counts.abandoned += 1
                     log.warning("snapshot %s of run %s still unscored after %d resends: "
                                 "giving up (is a diagnostics worker running?)",
                                 pending.entry_id, pending.run_id, pending.resends)
                     continue
                 pending.resends += 1
                 pending.sent_at = now
-                self.stats.resent += 1
+                self._counts.resent += 1
             log.info("snapshot %s unscored after %.0f s: sent again (%d/%d)",
                      pending.entry_id, self.resend_after_s, pending.resends, self.max_resends)
             self._send(pending.run_id, pending.entry_id)
-        with self._lock:
-            self.stats.pending = len(self._pending)
-            return OutboxStats(**vars(self.stats))
+        return self.stats
 
     def start(self, interval_s: float | None = None) -> None:
         """Reconcile in a daemon thread every ``interval_s`` (a quarter of the resend delay)."""
@@ -164,7 +168,7 @@ class ScoringOutbox:
             self.send(run_id, entry_id)
         except Exception as error:  # the broker is Redis too; it may be going down
             with self._lock:
-                self.stats.send_errors += 1
+                self._counts.send_errors += 1
             log.warning("could not enqueue scoring of %s: %s", entry_id, error)
             return False
         return True
@@ -187,7 +191,5 @@ def redis_outbox(redis_url: str, resend_after_s: float | None = None,
     def is_scored(run_id: str, snapshot_id: str) -> bool:
         return bool(client.exists(diagnostics_done_key(run_id, snapshot_id)))
 
-    outbox = ScoringOutbox(send, is_scored)
-    if resend_after_s is not None:
-        outbox.resend_after_s = resend_after_s
-    return outbox
+    return ScoringOutbox(send, is_scored, default_resend_after_s() if resend_after_s is None
+                         else resend_after_s)
