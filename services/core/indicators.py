@@ -6,7 +6,7 @@ all read these numbers from here, so "met" means the same thing everywhere.
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 # Success indicators (plan-ru.md, "КРИТИЧЕСКИЕ ИНДИКАТОРЫ УСПЕХА").
 GRAD_NORM_OK = 10.0
@@ -22,6 +22,10 @@ INFERENCE_DIAGONALITY_OK = DIAGONALITY_OK  # median over the probes
 # Red flags (plan-ru.md, "RED FLAGS").
 GRAD_NORM_RED_FLAG = 100.0
 DIAGONALITY_RED_FLAG = 0.1
+# plan 2.1: "diagonality < 0.3 -> CRITICAL: poor attention alignment". Below the success
+# threshold, above the red flag: a run that aligned once and falls under it is unhealthy
+# (no rollback target), and after warm-up it is a warning the tuner acts on.
+DIAGONALITY_WEAK = 0.3
 CONSECUTIVE_RESTARTS_RED_FLAG = 3
 LOSS_PLATEAU_STEPS_RED_FLAG = 1000
 
@@ -41,13 +45,15 @@ INFERENCE_INDICATORS = frozenset({PROBES_STOP, INFERENCE_DIAGONALITY})
 
 
 class Indicator(BaseModel):
-    """One success indicator: its value, the threshold it is held to, and whether it is met."""
+    """One success indicator: its value, the threshold it is held to, whether it is met,
+    and how the value was measured (so every surface can say what it shows)."""
 
     name: str
     value: float
     threshold: float
     comparison: str
     met: bool
+    measured: str = Field(default="", description="how the value was measured, in words")
 
     def describe(self) -> str:
         """One human line, e.g. ``[x] grad norm (pre-clip) 3.21 < 10``."""
@@ -92,3 +98,33 @@ def evaluate_inference(stop_percent: float, median_diagonality: float) -> list[I
 def all_met(indicators: list[Indicator]) -> bool:
     """True when every indicator is met."""
     return all(indicator.met for indicator in indicators)
+
+
+class Verdict(BaseModel):
+    """The run's standing against every indicator at one evaluation: the one verdict.
+
+    Only the trainer computes it (services/trainer); the tuner, the bot, the API, the
+    reports and the dashboards show this object and never re-derive it from raw metrics.
+    """
+
+    step: int = Field(ge=0, description="the training step of the evaluation")
+    indicators: list[Indicator]
+    all_met: bool
+    first_met_step: int | None = Field(
+        default=None, description="the step at which every indicator was first met together")
+
+    def get(self, name: str) -> Indicator | None:
+        """The indicator called ``name``, if the verdict has it."""
+        return next((i for i in self.indicators if i.name == name), None)
+
+    @property
+    def met_count(self) -> int:
+        """How many indicators are met."""
+        return sum(indicator.met for indicator in self.indicators)
+
+
+def make_verdict(step: int, checks: list[Indicator], first_met_step: int | None = None
+                 ) -> Verdict:
+    """The verdict of ``checks`` at ``step``; ``all_met`` is derived, never passed."""
+    return Verdict(step=step, indicators=checks, all_met=all_met(checks),
+                   first_met_step=first_met_step)

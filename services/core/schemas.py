@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.core.indicators import Verdict
 from services.core.streams import RUN_ID_PATTERN, Stream
 
 SCHEMA_VERSION = 1
@@ -311,6 +312,13 @@ def probe_report(event: Event) -> ProbeReport | None:
         return None
 
 
+class VerdictMessage(Message):
+    """The trainer's verdict on every success indicator, published with each evaluation."""
+
+    kind: Literal["verdict"] = "verdict"
+    verdict: Verdict
+
+
 SCHEMAS: dict[Stream, type[Message]] = {
     Stream.METRICS: MetricsMessage,
     Stream.ATTENTION: AttentionSnapshot,
@@ -319,6 +327,7 @@ SCHEMAS: dict[Stream, type[Message]] = {
     Stream.ACKS: Ack,
     Stream.ACTIONS: ActionRecord,
     Stream.EVENTS: Event,
+    Stream.VERDICT: VerdictMessage,
 }
 
 # A stream entry larger than this is refused unread (attention snapshots are the largest).

@@ -28,6 +28,7 @@ class Stream(StrEnum):
     ACKS = "acks"
     ACTIONS = "actions"
     EVENTS = "events"
+    VERDICT = "verdict"
 
 
 # Approximate caps: ~10 hours of 1 step/s metrics; snapshots are big, so fewer of them.
@@ -39,6 +40,7 @@ MAXLEN: dict[Stream, int] = {
     Stream.ACKS: 10_000,
     Stream.ACTIONS: 10_000,
     Stream.EVENTS: 10_000,
+    Stream.VERDICT: 10_000,
 }
 DEAD_LETTER_MAXLEN = 10_000
 
