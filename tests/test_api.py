@@ -21,9 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.core import bounds
+from services.core import bounds, indicators
 from services.core.bounds import check_command, check_value
 from services.core.schemas import (
+    SCHEMAS,
     VALUE_ACTIONS,
     Ack,
     ActionRecord,
@@ -37,6 +38,7 @@ from services.core.schemas import (
     MetricsMessage,
     ProbeReport,
     Trigger,
+    VerdictMessage,
     decode,
     encode,
 )
@@ -51,9 +53,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SEEDED = 5  # messages per stream in a seeded run (events: more than RECENT_EVENTS)
 SEEDED_EVENTS = RECENT_EVENTS + 2
 STARTUP_TIMEOUT_S = 10.0
-STREAM_OF = {MetricsMessage: Stream.METRICS, AlignmentReport: Stream.DIAGNOSTICS,
-             Ack: Stream.ACKS, ActionRecord: Stream.ACTIONS, Event: Stream.EVENTS,
-             AttentionSnapshot: Stream.ATTENTION, Command: Stream.COMMANDS}
+STREAM_OF = {schema: stream for stream, schema in SCHEMAS.items()}
 
 
 # --------------------------------------------------------------------------- harness
@@ -288,7 +288,27 @@ def test_run_state(http: httpx.Client, seeded: str) -> None:
         range(SEEDED_EVENTS - RECENT_EVENTS, SEEDED_EVENTS))
     assert state["counts"] == {"metrics": SEEDED, "attention": 0, "diagnostics": SEEDED,
                                "commands": 0, "acks": SEEDED, "actions": SEEDED,
-                               "events": SEEDED_EVENTS}
+                               "events": SEEDED_EVENTS, "verdict": 0}
+    assert state["verdict"] is None
+
+
+def test_verdict_is_the_trainers_newest(http: httpx.Client, seeded: str,
+                                        store: redis.Redis) -> None:
+    """The API shows the verdict the trainer published, as published: it computes nothing."""
+    assert http.get(f"/runs/{seeded}/verdict").status_code == 404
+    # A verdict that contradicts the seeded metrics (grad norms of 1-ish): the trainer's
+    # window saw a spike, so grad norm is not met; the API must say so too.
+    checks = indicators.evaluate_indicators(25.0, 0.85, 0, 0.6, 83.0)
+    for number, step in enumerate((100, 200)):
+        checks[0] = checks[0].model_copy(update={"measured": f"largest of steps {step - 99}-"
+                                                             f"{step}", "value": 25.0 - number})
+        add(store, VerdictMessage(run_id=seeded, verdict=indicators.make_verdict(step, checks)))
+    verdict = http.get(f"/runs/{seeded}/verdict").json()
+    assert verdict["step"] == 200 and verdict["all_met"] is False
+    assert verdict["indicators"][0] == {
+        "name": indicators.GRAD_NORM, "value": 24.0, "threshold": indicators.GRAD_NORM_OK,
+        "comparison": "<", "met": False, "measured": "largest of steps 101-200"}
+    assert http.get(f"/runs/{seeded}").json()["verdict"] == verdict
 
 
 def test_run_state_carries_the_newest_probe_pass(http: httpx.Client, seeded: str,
@@ -540,7 +560,8 @@ def test_wait_s_without_an_ack_times_out_as_accepted(http: httpx.Client, store: 
 def test_openapi_documents_every_endpoint(http: httpx.Client) -> None:
     schema = http.get("/openapi.json").json()
     expected = {("get", "/healthz"), ("get", "/metrics"), ("get", "/runs"),
-                ("get", "/runs/{run_id}"), ("get", "/runs/{run_id}/metrics"),
+                ("get", "/runs/{run_id}"), ("get", "/runs/{run_id}/verdict"),
+                ("get", "/runs/{run_id}/metrics"),
                 ("get", "/runs/{run_id}/diagnostics"), ("get", "/runs/{run_id}/actions"),
                 ("get", "/runs/{run_id}/events"), ("get", "/runs/{run_id}/acks"),
                 ("get", "/runs/{run_id}/alignment.png"), ("post", "/runs/{run_id}/commands")}

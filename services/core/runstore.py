@@ -15,6 +15,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from services.core.bus import entry_order
+from services.core.indicators import Verdict
 from services.core.schemas import (
     SCHEMAS,
     Ack,
@@ -25,6 +26,7 @@ from services.core.schemas import (
     MessageError,
     MetricsMessage,
     ProbeReport,
+    VerdictMessage,
     decode,
     encode,
     probe_report,
@@ -71,6 +73,7 @@ class StreamCounts(BaseModel):
     acks: int
     actions: int
     events: int
+    verdict: int
 
 
 class RunStore:
@@ -189,6 +192,12 @@ class RunStore:
             if event.event == "probes":
                 return probe_report(event)
         return None
+
+    def latest_verdict(self, run_id: str) -> Verdict | None:
+        """The trainer's newest verdict on the success indicators (None before the first
+        evaluation). Every surface shows this one; none re-derives it from metrics."""
+        message = self.latest(run_id, VerdictMessage)
+        return None if message is None else message.verdict
 
     def restarts(self, run_id: str) -> int:
         """Restarts of the run, as its newest ``run_started`` event reports them (0 if none)."""

@@ -47,6 +47,7 @@ from starlette.types import Message as AsgiMessage
 
 from services.core.bounds import check_command
 from services.core.bus import connect
+from services.core.indicators import Verdict
 from services.core.logging import setup_logging
 from services.core.runstore import RunStore, RunSummary, StreamCounts
 from services.core.schemas import (
@@ -107,10 +108,13 @@ class Health(BaseModel):
     redis_latency_ms: float = Field(ge=0, description="round trip of a PING")
 
 
-class RunState(BaseModel):
+class RunOverview(BaseModel):
     """A run at a glance."""
 
     run_id: str
+    verdict: Verdict | None = Field(
+        description="the trainer's newest verdict on every success indicator (none before "
+                    "its first evaluation): the one verdict every surface shows")
     latest_metrics: MetricsMessage | None
     latest_alignment: AlignmentReport | None
     latest_probes: ProbeReport | None = Field(
@@ -307,14 +311,27 @@ def list_runs(store: Store) -> list[RunSummary]:
 
 @router.get("/runs/{run_id}", tags=["runs"], summary="A run's state",
             responses=ERROR_404 | ERROR_503)
-def run_state(run_id: KnownRun, store: Store) -> RunState:
-    """Newest metrics, newest alignment report, newest probe pass, the last few events,
-    stream lengths."""
-    return RunState(run_id=run_id, latest_metrics=store.latest(run_id, MetricsMessage),
+def run_overview(run_id: KnownRun, store: Store) -> RunOverview:
+    """The trainer's newest verdict, newest metrics, newest alignment report, newest probe
+    pass, the last few events, stream lengths."""
+    return RunOverview(run_id=run_id, verdict=store.latest_verdict(run_id),
+                    latest_metrics=store.latest(run_id, MetricsMessage),
                     latest_alignment=store.latest(run_id, AlignmentReport),
                     latest_probes=store.latest_probes(run_id),
                     recent_events=store.recent(run_id, Event, RECENT_EVENTS),
                     counts=store.counts(run_id))
+
+
+@router.get("/runs/{run_id}/verdict", tags=["runs"], summary="The success indicators",
+            responses={**ERROR_503, 404: {"model": ErrorResponse, "description":
+                       "Unknown run, or no evaluation yet"}})
+def run_verdict(run_id: KnownRun, store: Store) -> Verdict:
+    """The trainer's newest verdict: each indicator's value, threshold, whether it is met
+    and how it was measured; the step it was judged at and when all were first met."""
+    verdict = store.latest_verdict(run_id)
+    if verdict is None:
+        raise HTTPException(404, f"run {run_id!r} has no verdict yet (no evaluation)")
+    return verdict
 
 
 @router.get("/runs/{run_id}/metrics", tags=["runs"], summary="Recent step metrics",

@@ -20,7 +20,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.core import indicators
 from services.core.schemas import (
     VALUE_ACTIONS,
     CommandAction,
@@ -417,22 +416,16 @@ def _anneal(b: _Builder) -> list[Decision]:
 
 
 def _indicators(b: _Builder) -> list[Decision]:
-    """All five success indicators met: one ``indicators_met`` event for the run."""
+    """The trainer's verdict says every indicator is met: one ``indicators_met`` event for
+    the run. The verdict is the trainer's; the tuner only announces it."""
     window = b.window
-    latest = window.latest_report
-    if RULE_INDICATORS in window.memory.latched or latest is None or not window.metrics:
+    verdict = window.verdict
+    if RULE_INDICATORS in window.memory.latched or verdict is None or not verdict.all_met:
         return []
-    met = indicators.evaluate_indicators(
-        grad_norm=max(_sortable(m.grad_norm) for m in window.metrics),
-        diagonality=latest.scores.diagonality,
-        restarts=window.memory.consecutive_restarts,
-        loss=window.metrics[-1].objective,
-        quality=latest.scores.quality)
-    if not indicators.all_met(met):
-        return []
-    trigger = Trigger(rule=RULE_INDICATORS, metric="success_indicators", value=len(met),
-                      threshold=len(met), window=len(window.metrics))
-    detail = "all success indicators met: " + "; ".join(i.describe() for i in met)
+    trigger = Trigger(rule=RULE_INDICATORS, metric="success_indicators",
+                      value=verdict.met_count, threshold=len(verdict.indicators), window=0)
+    detail = (f"all success indicators met at step {verdict.step}: "
+              + "; ".join(i.describe() for i in verdict.indicators))
     return [b.event(RULE_INDICATORS, trigger, "indicators_met", "info", detail,
                     latch=RULE_INDICATORS)]
 

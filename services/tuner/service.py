@@ -42,6 +42,7 @@ from services.core.schemas import (
     Event,
     Message,
     MetricsMessage,
+    VerdictMessage,
     encode,
 )
 from services.core.settings import ConfigError, get_settings
@@ -69,7 +70,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "tuner"
 DEFAULT_CONSUMER = "tuner-1"
-INPUT_STREAMS = (Stream.METRICS, Stream.DIAGNOSTICS, Stream.ACKS, Stream.EVENTS)
+INPUT_STREAMS = (Stream.METRICS, Stream.DIAGNOSTICS, Stream.ACKS, Stream.EVENTS,
+                 Stream.VERDICT)
 # The tuner's own per-run keys (beside the run's streams, under the same prefix).
 MEMORY_KEY = "memory"  # PolicyMemory JSON
 ISSUED_KEY = "issued"  # hash: idempotency key -> command id (or "event")
@@ -288,6 +290,8 @@ class TunerService:
             self._on_ack(run_id, message)
         elif isinstance(message, Event):
             window.observe_event(message)
+        elif isinstance(message, VerdictMessage):
+            window.observe_verdict(message)
         # Catching up on old history updates the window but must not act on the past.
         if self.clock() - message.ts > self.config.service.max_lag_s:
             return

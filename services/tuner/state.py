@@ -18,6 +18,7 @@ from collections import deque
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.core.indicators import Verdict
 from services.core.plateau import is_improvement
 from services.core.schemas import (
     Ack,
@@ -25,6 +26,7 @@ from services.core.schemas import (
     Event,
     MetricsMessage,
     ProbeReport,
+    VerdictMessage,
     probe_report,
 )
 from services.tuner.config import TunerConfig
@@ -91,6 +93,9 @@ class RunWindow:
         self.gate_weight: float | None = None
         # Inference probe passes (the sixth indicator), oldest first.
         self.probes: deque[ProbeReport] = deque(maxlen=PROBES_KEPT)
+        # The trainer's newest verdict on the indicators: the tuner shows it, never recomputes.
+        self.verdict: Verdict | None = None
+        self._verdict_ts = 0.0
 
     # ------------------------------------------------------------------ read side
 
@@ -188,6 +193,8 @@ class RunWindow:
         # Cooldowns count steps trained since firing, so a rule that fired in the undone
         # stretch cools down from the rewind point.
         memory.last_fired = {rule: min(fired, step) for rule, fired in memory.last_fired.items()}
+        if self.verdict is not None and self.verdict.step >= step:
+            self.verdict = None  # judged weights the trainer no longer has
         # The plateau clock starts over: the weights are those of an earlier step.
         memory.best_objective = None
         memory.best_step = None
@@ -212,6 +219,13 @@ class RunWindow:
         ordered = sorted([*self.reports, report], key=lambda r: r.step)
         self.reports.clear()
         self.reports.extend(ordered)
+
+    def observe_verdict(self, message: VerdictMessage) -> None:
+        """Take the trainer's verdict; the newest one written wins (after a rollback the
+        trainer judges an earlier step, so step alone does not order them)."""
+        if message.ts < self._verdict_ts:
+            return  # a redelivered older verdict
+        self.verdict, self._verdict_ts = message.verdict, message.ts
 
     def observe_event(self, event: Event) -> None:
         """Take a lifecycle event: restart counts, run start and end."""
