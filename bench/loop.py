@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -39,7 +40,6 @@ from services.core.schemas import (
 from services.core.streams import PREFIX, RUNS_KEY, Stream, stream_key
 from services.core.tasks import SCORE_ALIGNMENT
 from services.diagnostics.reports import build_report
-from services.launcher.celery_worker import start_worker
 from services.launcher.redis_server import RedisProcess, answers
 from services.trainer.config import TrainConfig, preset
 from services.trainer.corpus import build_demo_corpus
@@ -50,6 +50,7 @@ from services.tuner.config import TunerConfig
 from services.tuner.service import TunerService
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cleanup(client, run_id: str) -> None:
@@ -186,6 +187,12 @@ def bench_scoring(redis_url: str, workdir: Path, count: int) -> None:
               "(goal >= 2,000)")
 
 
+
+    # The worker harness is a test fixture (tests/celery_worker.py), not part of the package;
+    # run as a script, only bench/ is on sys.path, so the repository root is added here.
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from tests.celery_worker import start_worker
 
     client = connect(redis_url)
     run_id = f"bench-{uuid.uuid4().hex[:8]}"

@@ -36,7 +36,7 @@ from services.core.streams import (
 )
 from services.core.tasks import RENDER_ALIGNMENT, SCORE_ALIGNMENT
 from services.diagnostics.reports import build_report, score_samples, stack_samples
-from services.launcher.celery_worker import TASK_TIMEOUT_S, Worker, start_worker
+from tests.celery_worker import TASK_TIMEOUT_S, Worker, start_worker
 
 PNG_MAGIC = b"\x89PNG"
 

@@ -32,12 +32,12 @@ from services.core.schemas import (
     decode,
 )
 from services.core.streams import DEAD_LETTER_STREAM, Stream, stream_key
-from services.launcher.celery_worker import start_worker
 from services.trainer.faults import FaultPlan
 from services.trainer.link import attach
 from services.trainer.training import Trainer
 from services.tuner.config import TunerConfig
 from services.tuner.service import TunerService
+from tests.celery_worker import start_worker
 from tests.notifier_harness import RunningNotifier, notifier_settings
 from tests.telegram_stand_in import TelegramStandIn
 

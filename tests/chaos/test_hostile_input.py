@@ -32,10 +32,10 @@ from services.core.schemas import (
 )
 from services.core.streams import DEAD_LETTER_STREAM, RUNS_KEY, Stream, stream_key
 from services.core.tasks import SCORE_ALIGNMENT
-from services.launcher.celery_worker import Worker, start_worker
 from services.tuner.api import create_app
 from services.tuner.config import TunerConfig
 from services.tuner.service import TunerService
+from tests.celery_worker import Worker, start_worker
 from tests.test_api import serve
 from tests.test_diagnostics_worker import diagonal, sample, snapshot
 from tests.test_notifier_reports import metrics as valid_metrics

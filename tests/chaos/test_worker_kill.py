@@ -20,8 +20,8 @@ from collections import Counter
 from services.core.bus import connect
 from services.core.schemas import AlignmentReport, decode
 from services.core.streams import Stream, stream_key
-from services.launcher.celery_worker import start_worker
 from services.trainer.scoring import redis_outbox
+from tests.celery_worker import start_worker
 from tests.test_diagnostics_worker import add_snapshot, diagonal, sample, snapshot
 
 SNAPSHOTS = 40

@@ -1,7 +1,8 @@
 """Start a Celery diagnostics worker process on its own queue and wait until it answers.
 
-Used by the integration tests and the loop benchmark, which need a real worker that they
-can start, address and stop.
+Used by the integration tests, the chaos suite and the loop benchmark (bench/loop.py), which
+need a real worker that they can start, address and stop. A test harness, so it lives in
+tests/ and is not installed with the package.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import redis
 
 from services.core.tasks import make_client
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository root: the worker's cwd
 WORKER_START_TIMEOUT_S = 90  # a loaded 2-core CI box imports numpy, matplotlib, celery
 TASK_TIMEOUT_S = 30
 
@@ -45,6 +46,7 @@ class Worker:
         return self.app.send_task(name, args=list(args)).get(timeout=TASK_TIMEOUT_S)
 
     def log_tail(self) -> str:
+        """The last 4,000 characters of the worker's log, for a failing test's message."""
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
