@@ -6,7 +6,7 @@ all read these numbers from here, so "met" means the same thing everywhere.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 # Success indicators (plan-ru.md, "КРИТИЧЕСКИЕ ИНДИКАТОРЫ УСПЕХА").
 GRAD_NORM_OK = 10.0
@@ -47,6 +47,11 @@ INFERENCE_INDICATORS = frozenset({PROBES_STOP, INFERENCE_DIAGONALITY})
 class Indicator(BaseModel):
     """One success indicator: its value, the threshold it is held to, whether it is met,
     and how the value was measured (so every surface can say what it shows)."""
+
+    # A verdict nested in a bus message is serialised by this model's own config: without
+    # it a NaN (no probe pass yet) or infinite value is written as null and the message
+    # cannot be read back.
+    model_config = ConfigDict(ser_json_inf_nan="constants")
 
     name: str
     value: float
