@@ -5,9 +5,11 @@ writes to Redis in pipelined batches. While Redis is down the buffer holds the n
 ``buffer_size`` messages and the thread retries with back-off; what the bound pushes out is
 counted (``dropped``) and reported once Redis is back, never silently lost.
 
-``Consumer`` reads with a consumer group (at-least-once), acks after handling, reclaims
-entries that a dead consumer left pending (XAUTOCLAIM) and moves anything that does not
-parse to the dead-letter stream with the reason, then acks it so it is not redelivered.
+``Consumer`` reads with a consumer group (at-least-once), acks after handling, pages
+through its own pending entries and those a dead consumer left (XAUTOCLAIM), and moves
+anything that does not parse to the dead-letter stream with the reason, then acks it so it
+is not redelivered. The loop that drives consumers for services is
+``services.core.consumer``.
 """
 
 from __future__ import annotations
@@ -274,40 +276,84 @@ class Consumer:
                     deliveries.append(delivery)
         return deliveries
 
-    def claim_stale(self, count: int = 100) -> list[Delivery]:
-        """Entries another consumer of the group read but never acked (it died)."""
+    def claim_page(self, after: dict[str, str], count: int = 100,
+                   ) -> tuple[list[Delivery], dict[str, str]]:
+        """One page of entries other consumers of the group read but never acked (they died),
+        idle for at least ``claim_idle_ms``, now claimed by this one.
+
+        ``after`` maps each stream key to the XAUTOCLAIM cursor to go on from (``"0-0"`` to
+        start); returns the page and the cursors of the next one, without the keys whose
+        pending list was scanned to the end: an empty dict means there is nothing more.
+        """
         self._ensure_groups()
-        deliveries = []
-        for key in list(self.keys):
-            start = "0-0"
-            while True:
-                next_start, entries, *_ = self.client.xautoclaim(
-                    key, self.group, self.name, self.claim_idle_ms, start_id=start, count=count)
-                for entry_id, fields in entries:
-                    if fields is None:  # trimmed away while pending
-                        continue
-                    delivery = self._parse(key, _decoded(entry_id), fields)
-                    if delivery is not None:
-                        deliveries.append(delivery)
-                start = _decoded(next_start)
-                if start == "0-0" or not entries:
-                    break
+        deliveries: list[Delivery] = []
+        cursors: dict[str, str] = {}
+        for key, start in after.items():
+            if key not in self.keys:
+                continue
+            # Entries deleted while pending come back in the third element; Redis has already
+            # dropped them from the pending list, so they need nothing from us.
+            next_start, entries, *_ = self.client.xautoclaim(
+                key, self.group, self.name, self.claim_idle_ms, start_id=start, count=count)
+            for entry_id, fields in entries:
+                if fields is None:  # Redis before 7 returns deleted entries like this
+                    continue
+                delivery = self._parse(key, _decoded(entry_id), fields)
+                if delivery is not None:
+                    deliveries.append(delivery)
+            if _decoded(next_start) != "0-0":
+                cursors[key] = _decoded(next_start)
+        return deliveries, cursors
+
+    def claim_stale(self, count: int = 100) -> list[Delivery]:
+        """Every entry another consumer of the group read but never acked (it died)."""
+        deliveries: list[Delivery] = []
+        cursors = dict.fromkeys(self.keys, "0-0")
+        while cursors:
+            page, cursors = self.claim_page(cursors, count)
+            deliveries.extend(page)
         return deliveries
 
-    def pending(self, count: int = 100) -> list[Delivery]:
-        """This consumer's own delivered-but-unacked entries (after its own restart)."""
+    def pending_page(self, after: dict[str, str], count: int = 100,
+                     ) -> tuple[list[Delivery], dict[str, str]]:
+        """One page of this consumer's own delivered-but-unacked entries (after its restart).
+
+        ``after`` maps each stream key to the last entry id already seen (``"0"`` to start);
+        returns the page and the cursors of the next one, without the keys whose pending
+        entries were all read: an empty dict means there is nothing more. Paging by cursor,
+        not by acking, so a page whose entries stay pending (a handler that failed) is not
+        read again and again, and every page after the first is reached.
+        """
         self._ensure_groups()
-        deliveries = []
-        for key in list(self.keys):
-            response = self.client.xreadgroup(self.group, self.name, {key: "0"}, count=count)
-            for _, entries in response or []:
-                for entry_id, fields in entries:
-                    if not fields:
-                        continue
-                    delivery = self._parse(key, _decoded(entry_id), fields)
-                    if delivery is not None:
-                        deliveries.append(delivery)
-        return deliveries
+        keys = {key: start for key, start in after.items() if key in self.keys}
+        if not keys:
+            return [], {}
+        response = self.client.xreadgroup(self.group, self.name, keys, count=count)
+        deliveries: list[Delivery] = []
+        cursors: dict[str, str] = {}
+        gone: dict[str, list[str]] = {}
+        for key, entries in response or []:
+            key = _decoded(key)
+            for entry_id, fields in entries:
+                entry_id = _decoded(entry_id)
+                if not fields:  # deleted (trimmed) while pending: nothing left to hand out
+                    gone.setdefault(key, []).append(entry_id)
+                    continue
+                delivery = self._parse(key, entry_id, fields)
+                if delivery is not None:
+                    deliveries.append(delivery)
+            if len(entries) >= count:  # a full page: there may be more after its last entry
+                cursors[key] = _decoded(entries[-1][0])
+        if gone:
+            pipe = self.client.pipeline(transaction=False)
+            for key, ids in gone.items():
+                pipe.xack(key, self.group, *ids)
+            pipe.execute()
+        return deliveries, cursors
+
+    def pending(self, count: int = 100) -> list[Delivery]:
+        """The first page of this consumer's own delivered-but-unacked entries."""
+        return self.pending_page(dict.fromkeys(self.keys, "0"), count)[0]
 
     def ack(self, *deliveries: Delivery) -> None:
         """Mark ``deliveries`` handled: one XACK per stream, in one round trip."""
