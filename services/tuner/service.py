@@ -26,12 +26,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from services.core.bus import CONNECTION_ERRORS, Consumer, Delivery, connect, entry_order
+from services.core.bus import Consumer, Delivery, connect, entry_order
+from services.core.consumer import BLOCK_MS, LoopSettings, RunStreamReader
 from services.core.logging import setup_logging
 from services.core.schemas import (
     MAX_NOTE_CHARS,
@@ -47,12 +48,10 @@ from services.core.schemas import (
 )
 from services.core.settings import ConfigError, get_settings
 from services.core.streams import (
-    RUNS_KEY,
     Stream,
     maxlen_for,
     stream_key,
     tuner_key,
-    validate_run_id,
 )
 from services.tuner.config import TunerConfig, load_tuner_config
 from services.tuner.exporter import TunerMetrics, metrics_port_from_env, serve
@@ -70,15 +69,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "tuner"
 DEFAULT_CONSUMER = "tuner-1"
+# Every stream of a run the tuner reads: adding one here is all it takes to read it.
 INPUT_STREAMS = (Stream.METRICS, Stream.DIAGNOSTICS, Stream.ACKS, Stream.EVENTS,
                  Stream.VERDICT)
 # The tuner's own per-run keys (beside the run's streams, under the same prefix).
 MEMORY_KEY = "memory"  # PolicyMemory JSON
 ISSUED_KEY = "issued"  # hash: idempotency key -> command id (or "event")
 ACTIONS_KEY = "pending-actions"  # hash: command id -> PendingAction JSON
-RETRY_MAX_S = 10.0
-# Redis errors that mean a watched stream or its group was deleted while we read it.
-STREAM_GONE = ("NOGROUP", "UNBLOCKED")
 
 
 class PendingAction(BaseModel):
@@ -119,15 +116,15 @@ class TunerService:
         self.metrics = metrics or TunerMetrics()
         self.config = config
         self.clock = clock
-        self.consumer = Consumer(client, {}, group, consumer,
-                                 claim_idle_ms=config.service.claim_idle_ms)
-        # None: discover runs from RUNS_KEY; else watch only these (one-run tuner, tests).
-        self.fixed_runs = [validate_run_id(r) for r in runs] if runs is not None else None
+        service = config.service
+        settings = replace(LoopSettings(), poll_count=service.poll_count,
+                           claim_idle_ms=service.claim_idle_ms,
+                           claim_every_s=service.claim_every_s)
+        # runs None: discover runs from RUNS_KEY; else watch only these (one-run tuner, tests).
+        self.reader = RunStreamReader(client, group, consumer, INPUT_STREAMS, settings,
+                                      runs=runs, on_run=self._add_run)
         self.windows: dict[str, RunWindow] = {}
         self.pending: dict[str, dict[str, PendingAction]] = {}
-        self._stream_of: dict[str, tuple[str, Stream]] = {}
-        self._recovered = False
-        self._last_claim = 0.0
         # Counters (a Prometheus exporter can read these attributes).
         self.decisions_by_rule: Counter[str] = Counter()
         self.commands_issued = 0
@@ -135,6 +132,16 @@ class TunerService:
         self.duplicates_suppressed = 0
         self.records_by_stage: Counter[str] = Counter()
         self.handler_errors = 0
+
+    @property
+    def consumer(self) -> Consumer:
+        """The reader's consumer (a fresh one after a stream was deleted under it)."""
+        return self.reader.consumer
+
+    @property
+    def _stream_of(self) -> dict[str, tuple[str, Stream]]:
+        """Stream key -> (run id, stream) of every stream read."""
+        return self.reader.sources
 
     @property
     def dead_lettered(self) -> int:
@@ -145,25 +152,11 @@ class TunerService:
 
     def discover_runs(self) -> list[str]:
         """Start watching runs not seen before; returns their ids."""
-        if self.fixed_runs is not None:
-            candidates = self.fixed_runs
-        else:
-            candidates = sorted(m.decode() if isinstance(m, bytes) else m
-                                for m in self.client.smembers(RUNS_KEY))
-        added = []
-        for run_id in candidates:
-            if run_id in self.windows:
-                continue
-            try:
-                validate_run_id(run_id)
-            except ValueError as error:
-                log.warning("ignoring run %r in %s: %s", run_id, RUNS_KEY, error)
-                continue
-            self._add_run(run_id)
-            added.append(run_id)
-        return added
+        return self.reader.discover()
 
     def _add_run(self, run_id: str) -> None:
+        """Load a newly found run's policy memory and pending actions (its streams are the
+        reader's to add)."""
         memory = None
         raw = self.client.get(tuner_key(run_id, MEMORY_KEY))
         if raw is not None:
@@ -183,67 +176,27 @@ class TunerService:
                 continue
             pending[action.record.action_id] = action
         self.pending[run_id] = pending
-        for stream in INPUT_STREAMS:
-            key = stream_key(run_id, stream)
-            self.consumer.add_key(key, stream)
-            self._stream_of[key] = (run_id, stream)
         log.info("watching run %s (%d pending actions)", run_id, len(pending))
 
     # ------------------------------------------------------------------ the loop
 
-    def run_once(self, block_ms: int = 1000) -> int:
-        """Discover runs, handle what is pending or new, publish decisions; returns entries."""
-        self.discover_runs()
-        service = self.config.service
-        handled = 0
-        if not self._recovered:
-            handled += self._recover()
-            self._recovered = True
-            self._last_claim = self.clock()
-        elif self.clock() - self._last_claim >= service.claim_every_s:
-            handled += self._process(self.consumer.claim_stale(service.poll_count))
-            self._last_claim = self.clock()
-        handled += self._process(self.consumer.poll(block_ms, service.poll_count))
+    def run_once(self, block_ms: int = BLOCK_MS) -> int:
+        """One round: the reader's next batch (its own pending entries first after a start or
+        a failure, then stale ones, then new ones), handled; returns how many entries."""
+        return self._round(self.reader.step(block_ms))
+
+    def run_forever(self, stop_event: threading.Event, block_ms: int = BLOCK_MS) -> None:
+        """Rounds until ``stop_event`` is set, each poll waiting up to ``block_ms``; the reader
+        rides out Redis outages."""
+        self.reader.settings = replace(self.reader.settings, block_ms=block_ms)
+        self.reader.run(stop_event, self._round)
+
+    def _round(self, deliveries: list[Delivery]) -> int:
+        """Handle one batch, then expire unanswered commands (every round, even idle)."""
+        handled = self._process(deliveries)
         self._expire(self.clock())
         self.metrics.dead_lettered(self.consumer.dead_lettered)
         return handled
-
-    def run_forever(self, stop_event: threading.Event, block_ms: int = 1000) -> None:
-        """``run_once`` until ``stop_event`` is set; rides out Redis outages with back-off."""
-        delay = 0.5
-        while not stop_event.is_set():
-            try:
-                self.run_once(block_ms)
-            except CONNECTION_ERRORS as error:
-                log.warning("Redis unreachable, retrying in %.1fs: %s", delay, error)
-                # What was read but not acked is ours and pending: re-read it when back.
-                self._recovered = False
-                stop_event.wait(delay)
-                delay = min(RETRY_MAX_S, delay * 2)
-                continue
-            except redis.ResponseError as error:
-                if not any(mark in str(error) for mark in STREAM_GONE):
-                    raise
-                # A run's stream was deleted under us (cleanup, FLUSHDB): recreate the groups.
-                log.warning("a watched stream vanished, re-creating consumer groups: %s", error)
-                self._reset_consumer()
-                continue
-            delay = 0.5
-
-    def _reset_consumer(self) -> None:
-        """A fresh consumer over the same keys; it creates the groups again on first use."""
-        self.consumer = self.consumer.renewed()
-        self._recovered = False
-
-    def _recover(self) -> int:
-        """At start: this consumer's own unacked entries, then those a dead peer left."""
-        handled = 0
-        while True:
-            batch = self.consumer.pending(self.config.service.poll_count)
-            if not batch:
-                break
-            handled += self._process(batch)
-        return handled + self._process(self.consumer.claim_stale(self.config.service.poll_count))
 
     def _process(self, deliveries: list[Delivery]) -> int:
         """Handle entries in arrival order, save touched runs' memory, then ack them."""
