@@ -116,3 +116,68 @@ def test_feed_catches_up_silently_then_reports(telegram, redis_url: str) -> None
     restarts = next(line for line in message.params["text"].split("\n") if "Restarts" in line)
     assert "1" in restarts  # remembered from the silent backlog
     assert acked == [d.entry_id for d in backlog + fresh]
+
+
+class RecordingOutbox:
+    """Stands in for the Telegram outbox: keeps what the feed queued."""
+
+    def __init__(self) -> None:
+        self.texts: list[tuple[int, str]] = []
+
+    def send_text(self, chat_id: int, text: str) -> None:
+        """Record a text message."""
+        self.texts.append((chat_id, text))
+
+    def send_photo(self, chat_id: int, png: bytes, filename: str) -> None:
+        """Pictures are not this test's subject."""
+
+
+def test_feed_after_a_restart_handles_every_page_of_its_pending_entries(
+        tmp_path: Path) -> None:
+    """A feed that died holding more unacked entries than one page gets all of them back
+    (it used to mark itself recovered after the first page: the rest stayed pending)."""
+    import asyncio
+    import time
+
+    from services.core.bus import Consumer, connect
+    from services.core.consumer import POLL_COUNT
+    from services.core.schemas import encode
+    from services.core.streams import RUNS_KEY, Stream, stream_key
+    from services.launcher.redis_server import RedisProcess
+    from services.notifier.feed import GROUP, ReportFeed
+    from services.notifier.planner import ReportPlanner
+    from tests.test_notifier_reports import RUN, metrics
+
+    server = RedisProcess(tmp_path).start()  # a runs set of this test's own
+    try:
+        client = connect(server.url)
+        key = stream_key(RUN, Stream.METRICS)
+        client.sadd(RUNS_KEY, RUN)
+        client.xgroup_create(key, GROUP, id="0", mkstream=True)
+        old = time.time() - 3600  # caught up silently: no notices to queue
+        total = 2 * POLL_COUNT + 50
+        pipe = client.pipeline(transaction=False)
+        for step in range(total):
+            pipe.xadd(key, encode(metrics(step=step, ts=old)))
+        pipe.execute()
+        died = Consumer(client, {key: Stream.METRICS}, GROUP, "notifier-1")
+        assert len(died.poll(None, total)) == total  # read, never acked
+
+        outbox = RecordingOutbox()
+        feed = ReportFeed(client, ReportPlanner("en", 100, 3600.0), outbox,  # type: ignore[arg-type]
+                          (7,), catch_up_s=300, block_ms=20)
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(feed.run(stop))
+            deadline = time.monotonic() + 10
+            while (client.xpending(key, GROUP)["pending"] and time.monotonic() < deadline):
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.wait_for(task, 5)
+
+        asyncio.run(main())
+        assert client.xpending(key, GROUP)["pending"] == 0
+        assert feed.notices_suppressed >= 1 and outbox.texts == []
+    finally:
+        server.stop()
