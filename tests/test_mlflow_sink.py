@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from typer.testing import CliRunner
 
+from services.core.consumer import LoopSettings
 from services.core.runstore import PNG_SIGNATURE
 from services.core.schemas import (
     Ack,
@@ -65,6 +66,7 @@ STEPS = 20
 NONFINITE_STEP = 7
 BAD_AFTER_STEP = 10  # the malformed metrics entries go in after this step
 PICTURE_EVERY = 10
+FAST_LOOP = LoopSettings(block_ms=50)  # short polls: the tests step the sink themselves
 REPORT_STEPS = (10, 20, 25)  # 25 is within PICTURE_EVERY of 20: no picture
 STORED_PICTURE_STEP = 20  # the diagnostics worker's stored picture shows this one
 ACK_STEP, MEASURE_STEPS = 12, 5
@@ -193,7 +195,8 @@ def publish_run(client: redis.Redis, run_id: str) -> Published:
 def make_sink(rclient: redis.Redis, run_id: str, **kwargs: Any) -> MlflowSink:
     """A sink over just this test's run (the test Redis holds other tests' runs too)."""
     kwargs.setdefault("picture_every_steps", PICTURE_EVERY)
-    return MlflowSink(rclient, runs=[run_id], block_ms=50, **kwargs)
+    kwargs.setdefault("settings", FAST_LOOP)
+    return MlflowSink(rclient, runs=[run_id], **kwargs)
 
 
 def history(client: MlflowClient, mlflow_run_id: str, name: str) -> list[tuple[int, Any]]:
@@ -361,9 +364,7 @@ def test_sink_logs_a_run_to_mlflow_once(tracking: MlflowClient, rclient: redis.R
 
 
 def test_mlflow_outage_acks_nothing_and_is_ridden_out(
-        tracking: MlflowClient, rclient: redis.Redis, run_id: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mlflow_sink, "RETRY_INITIAL_S", 0.05)
+        tracking: MlflowClient, rclient: redis.Redis, run_id: str) -> None:
     for step in range(1, STEPS + 1):
         publish(rclient, Stream.METRICS, metrics_at(run_id, step))
     outage = {"left": 3}
@@ -375,7 +376,8 @@ def test_mlflow_outage_acks_nothing_and_is_ridden_out(
         return None
 
     flaky = FlakyClient(tracking, fail)
-    sink = make_sink(rclient, run_id, mlflow_client=flaky)
+    sink = make_sink(rclient, run_id, mlflow_client=flaky,
+                     settings=replace(FAST_LOOP, retry_initial_s=0.05))
     with pytest.raises(MlflowUnavailableError):
         sink.run_once(wait=False)
     assert pending(rclient, run_id) == STEPS  # read, not logged, so not acked

@@ -48,6 +48,7 @@ import redis
 import typer
 
 from services.core.bus import CONNECTION_ERRORS, Consumer, Delivery, entry_order
+from services.core.consumer import LoopSettings, RunStreamReader
 from services.core.runstore import PNG_SIGNATURE, RunStore
 from services.core.schemas import (
     WIRE_FIELD,
@@ -84,10 +85,6 @@ GROUP = "mlflow"
 DEFAULT_CONSUMER = "mlflow-1"
 INPUT_STREAMS = (Stream.METRICS, Stream.DIAGNOSTICS, Stream.ACTIONS, Stream.EVENTS)
 DEFAULT_PICTURE_EVERY_STEPS = 500
-POLL_COUNT = 200
-DISCOVER_EVERY_S = 5.0
-RETRY_INITIAL_S = 0.5
-RETRY_MAX_S = 60.0
 SNAPSHOT_SCAN = 32  # newest attention entries searched for a report's snapshot (they are big)
 SNAPSHOT_PAGE = 4
 JSONL_PART_LINES = 1000
@@ -388,8 +385,7 @@ class MlflowSink:
     def __init__(self, client: redis.Redis, mlflow_client: MlflowClient | None = None,
                  experiment: str = DEFAULT_EXPERIMENT, runs: Sequence[str] | None = None,
                  picture_every_steps: int = DEFAULT_PICTURE_EVERY_STEPS,
-                 name: str = DEFAULT_CONSUMER, block_ms: int = 1000,
-                 claim_idle_ms: int = 30_000):
+                 name: str = DEFAULT_CONSUMER, settings: LoopSettings | None = None):
         if picture_every_steps < 1:
             raise ValueError("picture_every_steps must be at least 1")
         mlflow = _import_mlflow()
@@ -400,56 +396,43 @@ class MlflowSink:
         self.store = RunStore(client)
         self.mlflow = mlflow_client if mlflow_client is not None else make_client()
         self.experiment = experiment
-        self.fixed_runs = [validate_run_id(run_id) for run_id in runs] if runs else None
         self.picture_every_steps = picture_every_steps
-        self.block_ms = block_ms
-        self.consumer = Consumer(client, {}, GROUP, name, claim_idle_ms=claim_idle_ms)
+        # runs empty or None: every run in the runs set.
+        self.reader = RunStreamReader(client, GROUP, name, INPUT_STREAMS, settings,
+                                      runs=runs or None)
         self.stats = SinkStats()
-        self.runs: set[str] = set()
         self._run_logs: dict[str, RunLog] = {}
-        self._key_runs: dict[str, str] = {}  # stream key -> run id
         self._experiment_id: str | None = None
-        self._last_discovery = -math.inf
-        self._recovered = False
 
     # ---- reading
 
+    @property
+    def consumer(self) -> Consumer:
+        """The reader's consumer (a fresh one after an outage or a deleted stream)."""
+        return self.reader.consumer
+
+    @property
+    def runs(self) -> list[str]:
+        """The runs being logged."""
+        return self.reader.runs
+
     def discover(self) -> list[str]:
         """Start reading runs not seen before (the given ones, else the runs set)."""
-        known = self.fixed_runs if self.fixed_runs is not None else self.store.run_ids()
-        added = [run_id for run_id in known if run_id not in self.runs]
-        for run_id in added:
-            for stream in INPUT_STREAMS:
-                key = stream_key(run_id, stream)
-                self.consumer.add_key(key, stream)
-                self._key_runs[key] = run_id
-            self.runs.add(run_id)
-            log.info("logging run %s to MLflow", run_id)
-        return added
-
-    def read(self, wait: bool = True) -> list[Delivery]:
-        """Own unacked entries first after a (re)start or failure, then new ones (waiting up
-        to ``block_ms`` for them when ``wait``)."""
-        now = time.monotonic()
-        if now - self._last_discovery >= DISCOVER_EVERY_S:
-            self.discover()
-            self._last_discovery = now
-        if not self._recovered:
-            # Until none is left: entries must be logged in order, or a cursor would skip them.
-            backlog = self.consumer.pending(POLL_COUNT) or self.consumer.claim_stale(POLL_COUNT)
-            if backlog:
-                return backlog
-            self._recovered = True
-        return self.consumer.poll(self.block_ms if wait else None, POLL_COUNT)
+        return self.reader.discover()
 
     def run_once(self, wait: bool = True) -> int:
-        """One read and its logging; returns how many entries were read (dead letters too)."""
+        """One read and its logging; returns how many entries were read (dead letters too).
+
+        Own unacked entries come first after a start or a failure (every page of them, in
+        order, so no cursor skips one), then stale ones, then new ones, waited for up to the
+        poll's block time when ``wait``.
+        """
         dead_before = self.consumer.dead_lettered
-        deliveries = self.read(wait)
+        deliveries = self.reader.step(self.reader.settings.block_ms if wait else None)
         try:
             self.handle(deliveries)
         except BaseException:
-            self._recovered = False  # what was read but not acked is still ours: re-read it
+            self.reader.recover()  # what was read but not acked is still ours: re-read it
             raise
         return len(deliveries) + self.consumer.dead_lettered - dead_before
 
@@ -458,44 +441,19 @@ class MlflowSink:
 
         Raises MlflowUnavailableError or a Redis error when one stops it (nothing unlogged acked).
         """
-        self._last_discovery = -math.inf  # see runs that appeared since the last look
+        self.reader.discover()  # see runs that appeared since the last look
         deadline = time.monotonic() + timeout_s
         handled = 0
         while time.monotonic() < deadline:
             count = self.run_once(wait=False)
             handled += count
-            if count == 0 and self._recovered:
+            if count == 0 and not self.reader.recovering:
                 break
         return handled
 
     def run_forever(self, stop: threading.Event) -> None:
-        """``run_once`` until ``stop`` is set; rides out Redis and MLflow outages with back-off."""
-        delay = RETRY_INITIAL_S
-        while not stop.is_set():
-            try:
-                self.run_once()
-            except MlflowUnavailableError as error:
-                log.warning("MLflow unavailable, retrying in %.1fs: %s", delay, error)
-            except CONNECTION_ERRORS as error:
-                log.warning("Redis unreachable, retrying in %.1fs: %s", delay, error)
-            except redis.ResponseError as error:
-                if "NOGROUP" not in str(error):
-                    raise
-                # A run's stream was deleted under us: read the same keys with fresh groups
-                # (the cursors in MLflow keep what was logged from being logged again).
-                log.warning("a watched stream vanished, re-creating consumer groups: %s", error)
-                self._reset_consumer()
-                continue
-            else:
-                delay = RETRY_INITIAL_S
-                continue
-            self._recovered = False  # a failed read may have delivered entries too
-            stop.wait(delay)
-            delay = min(RETRY_MAX_S, delay * 2)
-
-    def _reset_consumer(self) -> None:
-        self.consumer = self.consumer.renewed()
-        self._recovered = False
+        """Log until ``stop`` is set; the reader rides out Redis and MLflow outages."""
+        self.reader.run(stop, self.handle, retry_on=(MlflowUnavailableError,))
 
     # ---- logging
 
@@ -509,8 +467,7 @@ class MlflowSink:
         for delivery in deliveries:
             # The run of the stream, not the message's claim: a message never moves its
             # entries into another run's MLflow run or cursor.
-            group_key = (self._key_runs[delivery.key], self.consumer.keys[delivery.key])
-            groups.setdefault(group_key, []).append(delivery)
+            groups.setdefault(self.reader.sources[delivery.key], []).append(delivery)
         for (run_id, stream), group in groups.items():
             group.sort(key=lambda delivery: entry_order(delivery.entry_id))
             self._log_group(run_id, stream, group)
