@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Success indicators (plan-ru.md, "КРИТИЧЕСКИЕ ИНДИКАТОРЫ УСПЕХА").
+# Success indicators (docs/plan.md, "Success indicators").
 GRAD_NORM_OK = 10.0
 DIAGONALITY_OK = 0.7
 MAX_RESTARTS_OK = 0
@@ -19,7 +19,7 @@ QUALITY_OK = 80.0
 PROBES_STOP_OK = 90.0  # % of probes whose gate fires by itself at a sane length
 INFERENCE_DIAGONALITY_OK = DIAGONALITY_OK  # median over the probes
 
-# Red flags (plan-ru.md, "RED FLAGS").
+# Red flags (docs/plan.md, "Red flags").
 GRAD_NORM_RED_FLAG = 100.0
 DIAGONALITY_RED_FLAG = 0.1
 # plan 2.1: "diagonality < 0.3 -> CRITICAL: poor attention alignment". Below the success

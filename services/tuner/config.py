@@ -17,7 +17,7 @@ from services.core import bounds as command_bounds
 from services.core import indicators, plateau
 from services.core.settings import ConfigError
 
-# plan-ru.md 2.1: "diagonality < 0.3 -> CRITICAL: Poor attention alignment". Not a red flag
+# docs/plan.md, plan 2.1: "diagonality < 0.3 -> CRITICAL: poor attention alignment". Not a red flag
 # of the plan's list, so it lives here rather than in services.core.indicators.
 DIAGONALITY_LOW = 0.3
 
