@@ -21,6 +21,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.core.bus import Consumer, connect
 from services.core.schemas import (
@@ -97,39 +98,47 @@ def client(redis_url: str) -> redis.Redis:
     return connect(redis_url)
 
 
+def _record_rejections(row: Any, ids: list[str], reasons: dict[str, str],
+                       applied: bool = False) -> None:
+    """Add a batch of hostile entries to ``row``: survived are those refused with a reason
+    on record (none, if anything was applied); lost, those with no dead-letter record."""
+    row.injected += len(ids)
+    on_record = sum(bool(reasons.get(i)) for i in ids)
+    row.survived += 0 if applied else on_record
+    row.lost = (row.lost or 0) + len(ids) - on_record
+
+
 def test_tuner_survives_fuzzed_streams(client: redis.Redis, chaos) -> None:
-    injected = 0
+    row = chaos("fuzzed entries into the tuner")
 
     @FUZZ
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
-        nonlocal injected
         run_id = f"fuzz-{uuid.uuid4().hex[:10]}"
         key = stream_key(run_id, Stream.METRICS)
         entries = data.draw(st.lists(hostile_metrics(run_id), min_size=1, max_size=6))
         ids = [client.xadd(key, fields).decode() for fields in entries]
-        injected += len(ids)
         tuner = TunerService(client, TunerConfig(), group=f"tuner-{run_id}", runs=[run_id])
         for _ in range(2):
             tuner.run_once(block_ms=10)
         reasons = _dead_letters(client, key, ids)
+        _record_rejections(row, ids, reasons,
+                           applied=client.xlen(stream_key(run_id, Stream.COMMANDS)) > 0)
         assert set(reasons) == set(ids) and all(reasons.values())
         assert client.xlen(stream_key(run_id, Stream.COMMANDS)) == 0
         assert client.xpending(key, f"tuner-{run_id}")["pending"] == 0
 
     run()
-    chaos("fuzzed entries into the tuner", injected=injected, survived=injected)
 
 
 def test_notifier_and_trainer_consumers_dead_letter_fuzz(client: redis.Redis, chaos) -> None:
     """The same fuzz through the bus consumer every other service uses (notifier feed,
     trainer command reader), with each one's schema."""
-    injected = 0
+    row = chaos("fuzzed entries into the bus consumers")
 
     @FUZZ
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
-        nonlocal injected
         run_id = f"fuzz-{uuid.uuid4().hex[:10]}"
         for stream in (Stream.METRICS, Stream.COMMANDS, Stream.EVENTS):
             key = stream_key(run_id, stream)
@@ -138,25 +147,27 @@ def test_notifier_and_trainer_consumers_dead_letter_fuzz(client: redis.Redis, ch
             entries = [e for e in entries if "other-" not in str(e.get("data", ""))] or [
                 {"data": "not json"}]
             ids = [client.xadd(key, fields).decode() for fields in entries]
-            injected += len(ids)
             consumer = Consumer(client, {key: stream}, f"g-{run_id}", "c")
-            assert consumer.poll(block_ms=None) == []
+            delivered = consumer.poll(block_ms=None)
             reasons = _dead_letters(client, key, ids)
+            _record_rejections(row, ids, reasons, applied=bool(delivered))
+            assert delivered == []
             assert set(reasons) == set(ids) and all(reasons.values())
 
     run()
-    chaos("fuzzed entries into the bus consumers", injected=injected, survived=injected)
 
 
 def test_oversized_entry_is_refused_unread(client: redis.Redis, chaos) -> None:
+    row = chaos("oversized entry (8 MiB + 1)")
     run_id = f"fuzz-{uuid.uuid4().hex[:10]}"
     key = stream_key(run_id, Stream.METRICS)
     entry = client.xadd(key, {"data": "x" * (MAX_WIRE_BYTES + 1)}).decode()
     tuner = TunerService(client, TunerConfig(), group=f"tuner-{run_id}", runs=[run_id])
     tuner.run_once(block_ms=10)
-    reason = _dead_letters(client, key, [entry])[entry]
+    reasons = _dead_letters(client, key, [entry])
+    _record_rejections(row, [entry], reasons)
+    reason = reasons[entry]
     assert "exceeds" in reason
-    chaos("oversized entry (8 MiB + 1)", injected=1, survived=1)
 
 
 def _bad_attention(run_id: str, kind: str) -> dict[str, str]:
@@ -186,16 +197,19 @@ def worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.mark.parametrize("kind", ["base64", "compression", "shape", "nan"])
 def test_diagnostics_refuses_bad_attention(client: redis.Redis, worker: Worker, kind: str,
                                            chaos) -> None:
+    row = chaos(f"attention with bad {kind}")
     run_id = f"fuzz-{uuid.uuid4().hex[:10]}"
     key = stream_key(run_id, Stream.ATTENTION)
     entry = client.xadd(key, _bad_attention(run_id, kind)).decode()
     result = worker.call(SCORE_ALIGNMENT, run_id, entry)
-    assert result["status"] == "invalid" and result["reason"]
     reason = [f[b"reason"].decode() for _, f in client.xrevrange(DEAD_LETTER_STREAM, count=50)
               if f[b"id"].decode() == entry]
+    scored = client.xlen(stream_key(run_id, Stream.DIAGNOSTICS)) > 0
+    _record_rejections(row, [entry], {entry: reason[0]} if reason else {},
+                       applied=scored or result["status"] != "invalid")
+    assert result["status"] == "invalid" and result["reason"]
     assert reason and reason[0] == result["reason"]
-    assert client.xlen(stream_key(run_id, Stream.DIAGNOSTICS)) == 0
-    chaos(f"attention with bad {kind}", injected=1, survived=1)
+    assert not scored
 
 
 TOKEN = "a-token-of-sixteen-chars"
@@ -232,8 +246,19 @@ def test_out_of_bounds_commands_never_pass_the_api(api: str, client: redis.Redis
     run()
 
 
+def _rejected(metrics_text: str, cause: str) -> int:
+    """The API's count of commands rejected for ``cause``, from its /metrics text."""
+    for family in text_string_to_metric_families(metrics_text):
+        for sample_ in family.samples:
+            if (sample_.name == "smart_tuner_api_commands_rejected_total"
+                    and sample_.labels.get("cause") == cause):
+                return int(sample_.value)
+    return 0
+
+
 def test_api_without_or_with_a_wrong_token_writes_nothing(api: str, client: redis.Redis,
                                                           chaos) -> None:
+    row = chaos("API calls without / with a wrong token")
     key = stream_key(API_RUN, Stream.COMMANDS)
     before = client.xlen(key)
     url = f"{api}/runs/{API_RUN}/commands"
@@ -244,11 +269,17 @@ def test_api_without_or_with_a_wrong_token_writes_nothing(api: str, client: redi
                httpx.post(url, json=body, timeout=10,
                           headers={"Authorization": f"Basic {TOKEN}"})]
     metrics = httpx.get(f"{api}/metrics", timeout=10).text
+    # Measured: refused calls (401/403, nothing written); lost: refusals the API's own
+    # counters do not show.
+    row.injected = len(answers)
+    written = client.xlen(key) != before
+    row.survived = 0 if written else sum(a.status_code in (401, 403) for a in answers)
+    counted = sum(_rejected(metrics, cause) for cause in ("unauthenticated", "forbidden"))
+    row.lost = max(0, len(answers) - counted)
     assert [a.status_code for a in answers] == [401, 403, 401]
     assert client.xlen(key) == before
     assert 'smart_tuner_api_commands_rejected_total{cause="unauthenticated"} 2.0' in metrics
     assert 'smart_tuner_api_commands_rejected_total{cause="forbidden"} 1.0' in metrics
-    chaos("API calls without / with a wrong token", injected=3, survived=3)
 
 
 def test_trainer_rejects_foreign_and_out_of_bounds_commands(redis_url: str) -> None:
@@ -289,6 +320,7 @@ def test_telegram_strangers_are_refused_with_reasons(telegram, redis_url, tmp_pa
                                                      caplog, chaos) -> None:
     from tests.notifier_harness import RunningNotifier, notifier_settings
 
+    row = chaos("Telegram updates from unknown chats")
     strangers = [(9_000 + i, text) for i, text in enumerate(
         ["/stop", "/lr 1", "/ga 50", "/pause", "/rollback", "/status", "hello", "/sample x"])]
     settings_ = notifier_settings(telegram, tmp_path, chat_ids=(1001,), language="en")
@@ -301,14 +333,16 @@ def test_telegram_strangers_are_refused_with_reasons(telegram, redis_url, tmp_pa
         registry = notifier.notifier.registry
         refused = registry.get_sample_value("smart_tuner_notifier_bot_refusals_total",
                                             {"reason": "chat"})
-    assert refused == len(strangers)
     refusals = [r for r in caplog.records if "allow-list" in r.getMessage()]
+    # Measured: refusals the bot counted; lost: updates with no logged refusal.
+    row.injected = len(strangers)
+    row.survived = int(refused or 0)
+    row.lost = max(0, len(strangers) - len(refusals))
+    assert refused == len(strangers)
     assert len(refusals) == len(strangers)
     for chat, _ in strangers:
         sent = [c.params["text"] for c in telegram.calls("sendMessage", chat)]
         assert sent and all("only answers its team" in s for s in sent)
-    chaos("Telegram updates from unknown chats", injected=len(strangers),
-          survived=len(strangers))
 
 
 def test_decode_never_raises_anything_but_message_error() -> None:

@@ -44,6 +44,7 @@ def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_nan_storm_rolls_back_and_the_run_still_succeeds(demo_corpus, tmp_path, redis_url,
                                                          run_id, chaos) -> None:
+    row = chaos(f"non-finite gradient storm ({STORM_STEPS} steps)")
     cfg = preset("tiny")
     cfg.run.checkpoint_every = CHECKPOINT_EVERY
     # The storm is the subject: the verdict is the plan's five. A probe pass at every
@@ -60,19 +61,27 @@ def test_nan_storm_rolls_back_and_the_run_still_succeeds(demo_corpus, tmp_path, 
     loop.start()
     try:
         summary = trainer.train(max_steps=MAX_STEPS, until_indicators=True)
-        assert link.close()
+        closed = link.close()
     finally:
         stop.set()
         loop.join(10)
+        # measured even when training raised: did the run reach the storm, and how many
+        # of the trainer's messages never reached Redis
+        row.injected = int(trainer.step > STORM_START)
+        row.lost = link.publisher.stats.published - link.publisher.stats.sent
     client = connect(redis_url)
     commands = [decode(f, Command) for _, f in
                 client.xrange(stream_key(run_id, Stream.COMMANDS))]
     acks = {a.command_id: a for a in (decode(f, Ack) for _, f in
                                       client.xrange(stream_key(run_id, Stream.ACKS)))}
     rollbacks = [c for c in commands if c.action == "rollback"]
+    rolled_back = bool(rollbacks) and acks.get(rollbacks[0].command_id) is not None and (
+        acks[rollbacks[0].command_id].status == "applied")
+    row.survived = int(rolled_back and summary["skipped_steps"] >= 3
+                       and bool(summary["all_indicators_met"]))
+    assert closed
     assert rollbacks and rollbacks[0].reason.rule == "non_finite"
     assert acks[rollbacks[0].command_id].status == "applied"
     assert any(o["kind"] == "rollback" for o in trainer.overrides)
     assert summary["skipped_steps"] >= 3  # poisoned steps were skipped, not applied
     assert summary["all_indicators_met"], summary
-    chaos(f"non-finite gradient storm ({STORM_STEPS} steps)", injected=1, survived=1, lost=0)

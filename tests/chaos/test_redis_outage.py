@@ -29,6 +29,8 @@ def _metrics_steps(client, run_id: str) -> list[int]:
 
 def test_redis_down_for_30_s_mid_run(small_corpus, small_config, tmp_path, run_id,
                                      chaos) -> None:
+    trainer_row = chaos("Redis down 30 s (trainer, buffer 10,000)")
+    small_row = chaos(f"Redis down 30 s (publisher, buffer {SMALL_BUFFER}; loss reported)")
     (tmp_path / "redis").mkdir()
     redis = RedisProcess(tmp_path / "redis").start()
     try:
@@ -42,6 +44,7 @@ def test_redis_down_for_30_s_mid_run(small_corpus, small_config, tmp_path, run_i
         while trainer.step < 5:
             time.sleep(0.1)
         redis.stop()
+        trainer_row.injected = small_row.injected = 1
         down_at, step_at_outage = time.monotonic(), trainer.step
         for i in range(OVERFLOW_MESSAGES):  # more than the small buffer holds
             small.publish(Stream.EVENTS, Event(run_id=f"{run_id}-small", event="paused",
@@ -55,32 +58,41 @@ def test_redis_down_for_30_s_mid_run(small_corpus, small_config, tmp_path, run_i
         time.sleep(3.0)  # a few steps with Redis back
         trainer.request_stop()
         training.join(60)
-        assert link.publisher.flush(30) and small.flush(30)
+        flushed = link.publisher.flush(30) and small.flush(30)
         link.close()
         small.close()
 
-        # the trainer never stopped stepping while Redis was down
-        assert step_at_recovery > step_at_outage + 10, (step_at_outage, step_at_recovery)
-        assert all(b > a for a, b in zip(steps_during[::5], steps_during[5::5], strict=False))
-        # everything it published arrived: one metrics message per step, none lost
+        # Measured first, asserted after, so a failing run shows its loss in the table.
         client = connect(redis.url)  # a fresh Redis: only what was sent after the restart
         steps = _metrics_steps(client, run_id)
         after = [s for s in steps if s >= step_at_outage]
-        assert after == list(range(after[0], trainer.step)), "a step's metrics went missing"
-        assert after[0] <= step_at_outage  # the buffer held everything since the outage
-        assert link.publisher.stats.dropped == 0
-        # the small publisher lost exactly what overflowed, and said so exactly once
+        # every step since the outage must have its metrics message
+        trainer_row.lost = len(set(range(step_at_outage, trainer.step)) - set(steps))
+        kept_stepping = step_at_recovery > step_at_outage + 10 and all(
+            b > a for a, b in zip(steps_during[::5], steps_during[5::5], strict=False))
+        trainer_row.survived = int(kept_stepping and trainer_row.lost == 0)
         events = [decode(f, Event) for _, f in
                   client.xrange(stream_key(f"{run_id}-small", Stream.EVENTS))]
         dropped = [e for e in events if e.event == "events_dropped"]
         kept = [e for e in events if e.event == "paused"]
         expected_loss = OVERFLOW_MESSAGES - SMALL_BUFFER
+        small_row.lost = OVERFLOW_MESSAGES - len(kept)
+        # survived: the loss was reported exactly once, with the exact count
+        small_row.survived = int(len(dropped) == 1 and
+                                 dropped[0].data["dropped"] == small_row.lost)
+
+        assert flushed
+        # the trainer never stopped stepping while Redis was down
+        assert step_at_recovery > step_at_outage + 10, (step_at_outage, step_at_recovery)
+        assert all(b > a for a, b in zip(steps_during[::5], steps_during[5::5], strict=False))
+        # everything it published arrived: one metrics message per step, none lost
+        assert after == list(range(after[0], trainer.step)), "a step's metrics went missing"
+        assert after[0] <= step_at_outage  # the buffer held everything since the outage
+        assert link.publisher.stats.dropped == 0
+        # the small publisher lost exactly what overflowed, and said so exactly once
         assert len(dropped) == 1 and dropped[0].data["dropped"] == expected_loss
         assert len(kept) == SMALL_BUFFER
         assert [e.detail for e in kept] == [f"message {i}" for i in
                                             range(expected_loss, OVERFLOW_MESSAGES)]
     finally:
         redis.stop()
-    chaos("Redis down 30 s (trainer, buffer 10,000)", injected=1, survived=1, lost=0)
-    chaos(f"Redis down 30 s (publisher, buffer {SMALL_BUFFER}; loss reported)", injected=1,
-          survived=1, lost=expected_loss)
