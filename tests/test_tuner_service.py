@@ -280,3 +280,22 @@ def test_main_reports_a_bad_config_and_exits_2(tmp_path: Path) -> None:
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "missing.toml" in result.stderr and "not found" in result.stderr
+
+
+def test_restart_handles_every_page_of_its_pending_entries(client: redis.Redis,
+                                                           run_id: str) -> None:
+    """More entries left pending than one poll's worth: a restarted tuner handles them all."""
+    from services.core.bus import Consumer
+
+    explode(client, run_id, range(10))
+    small_pages = CONFIG.model_copy(update={
+        "service": CONFIG.service.model_copy(update={"poll_count": 3})})
+    key = stream_key(run_id, Stream.METRICS)
+    died = Consumer(client, {key: Stream.METRICS}, f"tuner-{run_id}", "tuner-1")
+    assert len(died.poll(None, 10)) == 10  # read by a tuner killed before it acked
+    tuner = service(client, run_id, config=small_pages)
+    handled = [tuner.run_once(block_ms=10) for _ in range(5)]
+    assert handled[:4] == [3, 3, 3, 1]  # then its own red flag, in the events stream
+    assert client.xpending(key, f"tuner-{run_id}")["pending"] == 0
+    assert tuner.windows[run_id].step == 9
+    assert len(read(client, run_id, Stream.COMMANDS, Command)) == 1
