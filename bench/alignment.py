@@ -83,7 +83,7 @@ class ArmRecord(TrainingObserver):
 
     def _check_all_met(self, trainer: Trainer) -> None:
         if self.all_met is None and self.final is not None \
-                and indicators.all_met(trainer.indicators()):
+                and trainer.verdict().all_met:
             self.all_met = {**self.final, "step": trainer.step,
                             "minutes": round((time.perf_counter() - self.started) / 60, 2),
                             "probes": self.probes[-1] if self.probes else None}

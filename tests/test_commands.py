@@ -81,9 +81,9 @@ def test_the_gate_weight_knob_changes_the_loss_and_survives_a_rollback(rig, run_
     assert trainer.train_step(batch).gate_positive_weight == 20.0
     # The weight reaches the loss: the same batch's gate term is heavier than at 5.
     trainer.model.eval()
-    heavy = trainer._forward(batch)[1].gate
+    heavy = trainer.engine.forward(batch, trainer.step)[1].gate
     trainer.gate_positive_weight = 5.0
-    light = trainer._forward(batch)[1].gate
+    light = trainer.engine.forward(batch, trainer.step)[1].gate
     assert heavy.item() > light.item()
     trainer.gate_positive_weight = 20.0
     trainer.save_checkpoint()

@@ -91,7 +91,7 @@ def test_a_crash_counts_as_a_restart_and_resume_skips_a_corrupt_checkpoint(
     assert resumed.step == 5
     assert "ckpt-00000010.pt" in caplog.text and "truncated" in caplog.text
     assert resumed.run_state.restarts == 1 and resumed.run_state.consecutive_restarts == 1
-    assert not resumed.indicators()[2].met  # "no restarts" is no longer true
+    assert not resumed.verdict().indicators[2].met  # "no restarts" is no longer true
 
 
 def test_non_finite_gradients_skip_the_step_and_keep_weights_finite(
@@ -119,14 +119,14 @@ def test_non_finite_gradients_skip_the_step_and_keep_weights_finite(
 def test_non_finite_loss_is_skipped_before_backward(small_corpus, small_config, tmp_path,
                                                     monkeypatch):
     trainer = _trainer(small_config, small_corpus, tmp_path / "run")
-    forward = trainer._forward
+    forward = trainer.engine.forward
 
-    def nan_loss(batch):
-        output, terms = forward(batch)
+    def nan_loss(batch, step):
+        output, terms = forward(batch, step)
         terms.total = terms.total * float("nan")
         return output, terms
 
-    monkeypatch.setattr(trainer, "_forward", nan_loss)
+    monkeypatch.setattr(trainer.engine, "forward", nan_loss)
     metrics = trainer.train_step(next(trainer._batches()))
     assert not metrics.finite and trainer.skipped_steps == 1
     assert all(p.grad is None for p in trainer.model.parameters())

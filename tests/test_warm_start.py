@@ -142,7 +142,7 @@ def test_a_new_run_starts_from_the_checkpoints_weights_with_fresh_optimisation(
     assert {item["name"]: item["reason"] for item in record["skipped"]} == {
         "decoder.projection.weight": IGNORED, "decoder.projection.bias": IGNORED}
     trainer.evaluate()
-    assert trainer.summary("max_steps", 0.0, None)["warm_start"] == record
+    assert trainer.summary("max_steps", 0.0)["warm_start"] == record
 
 
 @pytest.mark.slow

@@ -84,7 +84,6 @@ class GuidedAttentionWeight(DecayingValue):
                          start=cfg.guided_attention_decay_start,
                          rate=cfg.guided_attention_decay_rate,
                          steps=cfg.guided_attention_decay_steps)
-        self.sigma = cfg.guided_attention_sigma
 
     def __call__(self, step: int) -> float:
         """The weight to use at ``step``."""

@@ -1,29 +1,32 @@
-"""The training loop: data, steps, evaluation, checkpoints, run state and the final verdict.
+"""The training loop: data, steps, evaluation, checkpoints, the run's history and its verdict.
+
+The loop is generic; what it composes does the rest:
+
+- the step engine (services/trainer/engine.py): forward, losses, grad norm, clipping and
+  the optimizer step, on the model the loop hands it batches for;
+- the run folder (services/trainer/run_folder.py): the run record, metrics.jsonl, probe
+  passes, the summary and the alignment plots;
+- the control between steps (services/trainer/lockstep.py): controllers, pause and stop,
+  in lockstep across the ranks of a distributed run.
 
 The loop knows nothing of Redis or the other services. Observers receive every step,
-evaluation and checkpoint (telemetry plugs in there), and the run-time setters
+evaluation, verdict and checkpoint (telemetry plugs in there), and the run-time setters
 (``set_lr``, ``set_guided_attention_weight``, ``set_grad_clip``, ``rollback``...) are what
 corrective commands call; every applied override is recorded and survives a resume.
 
 Under torchrun (services.trainer.distributed) the model is wrapped in DDP and each rank
 trains on its shard of the batches. Rank 0 alone evaluates, writes the run folder and
-hears commands; between steps it broadcasts what its setters did, its pause and its stop
-to the other ranks, which replay them through the same setters, so every rank changes the
-same thing at the same step and the ranks never diverge.
+hears commands; the lockstep control replays what its setters did on the other ranks.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import math
 import time
-import uuid
 from collections import Counter, deque
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,13 +35,10 @@ import torch
 from tqdm import tqdm
 
 from services.core import indicators
-from services.core.streams import validate_run_id
-from services.diagnostics.metrics import alignment_scores
-from services.diagnostics.plots import plot_alignment
+from services.core.indicators import Indicator, Verdict, make_verdict
 from services.trainer import distributed
 from services.trainer import text as text_frontend
 from services.trainer.checkpoints import (
-    RUN_CHECKPOINT_SUBDIR,
     CheckpointError,
     CheckpointInfo,
     CheckpointManager,
@@ -57,11 +57,15 @@ from services.trainer.dataset import (
     read_metadata,
     split_train_val,
 )
-from services.trainer.faults import FaultPlan, inject
-from services.trainer.gradients import GradientClipper
-from services.trainer.losses import GuidedAttentionWeight, LossTerms, tacotron_loss
-from services.trainer.model import Tacotron2, TacotronOutput, count_parameters
-from services.trainer.optim import LearningRate, make_optimizer
+from services.trainer.engine import EvalResult, StepEngine, StepMetrics
+from services.trainer.faults import FaultPlan
+from services.trainer.lockstep import (
+    PAUSE_POLL_S,
+    ControlState,
+    SetterCall,
+    make_control,
+)
+from services.trainer.model import Tacotron2, count_parameters
 from services.trainer.probes import (
     ProbeRunner,
     ProbeSummary,
@@ -69,8 +73,19 @@ from services.trainer.probes import (
     frames_per_symbol,
     probes_for,
 )
+from services.trainer.run_folder import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PLOT_DIR,
+    PROBES_FILE,
+    RUN_STATE_FILE,
+    SUMMARY_FILE,
+    RunFolder,
+    RunRecord,
+    utc_now,
+)
 from services.trainer.warm_start import (
-    WARM_START_FILE,
     WarmStartError,
     WarmStartReport,
     describe,
@@ -79,61 +94,15 @@ from services.trainer.warm_start import (
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-RUN_STATE_FILE = "run_state.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-PROBES_FILE = "probes.jsonl"
-CHECKPOINT_DIR = RUN_CHECKPOINT_SUBDIR
-PLOT_DIR = "plots"
-PAUSE_POLL_S = 0.2
+# Where these names lived before the split; other modules and tests import them from here.
+__all__ = [
+    "CHECKPOINT_DIR", "CONFIG_FILE", "METRICS_FILE", "PAUSE_POLL_S", "PLOT_DIR", "PROBES_FILE",
+    "RESUME_FROM", "RUN_STATE_FILE", "SUMMARY_FILE", "ControlState", "EvalResult", "RunRecord",
+    "SetterCall", "StepMetrics", "Trainer", "TrainingController", "TrainingObserver",
+    "resolve_device",
+]
+
 RESUME_FROM = ("latest", "last_good", "best")
-
-
-@dataclass
-class StepMetrics:
-    """Everything measured in one optimizer step."""
-
-    step: int
-    loss: float
-    mel: float
-    mel_postnet: float
-    gate: float
-    guided_attention: float
-    objective: float
-    grad_norm: float  # before clipping, after unscaling; nan when the step was skipped early
-    lr: float
-    guided_attention_weight: float
-    gate_positive_weight: float
-    clip_threshold: float
-    step_seconds: float
-    finite: bool
-    skipped_steps: int  # total so far in this run
-
-
-@dataclass
-class EvalResult:
-    """Teacher-forced evaluation on the fixed validation batch."""
-
-    step: int
-    losses: dict[str, float]
-    scores: dict[str, float]
-    attention: np.ndarray = field(repr=False)  # [B, decoder steps, tokens]
-    input_lengths: np.ndarray = field(repr=False)
-    decoder_lengths: np.ndarray = field(repr=False)
-
-
-@dataclass
-class RunState:
-    """Persistent facts about a run across processes: identity and restarts."""
-
-    run_id: str
-    restarts: int = 0
-    consecutive_restarts: int = 0
-    clean_exit: bool = False
-    started_at: str = ""
-    aligned_once: bool = False
-    spoke_once: bool = False  # the inference indicator was met once (probes)
 
 
 class TrainingObserver:
@@ -144,6 +113,10 @@ class TrainingObserver:
 
     def on_eval(self, trainer: Trainer, result: EvalResult) -> None:
         """After every evaluation of the validation batch."""
+
+    def on_verdict(self, trainer: Trainer, verdict: Verdict) -> None:
+        """Once per evaluation, when its verdict is complete: at once, or when the probe
+        pass of the checkpoint taken at that step has finished (maybe steps later)."""
 
     def on_checkpoint(self, trainer: Trainer, info: CheckpointInfo) -> None:
         """After a checkpoint is safely on disk."""
@@ -162,26 +135,6 @@ class TrainingController(Protocol):
     def before_step(self, trainer: Trainer) -> None: ...
 
 
-@dataclass
-class SetterCall:
-    """One run-time setter call on rank 0, for the other ranks to replay at the same step."""
-
-    action: str  # a value setter's name (set_lr, ...) or rollback
-    value: float | None
-    source: str
-    checkpoint: LoadedCheckpoint | None = None  # rollback: the state rank 0 restored
-
-
-@dataclass
-class ControlState:
-    """What rank 0 broadcasts between steps; every rank's loop acts on it alone."""
-
-    calls: list[SetterCall] = field(default_factory=list)
-    paused: bool = False
-    stop: bool = False
-    stop_reason: str = "stop_requested"
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU."""
     if name == "auto":
@@ -189,12 +142,44 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+def training_checks(result: EvalResult, restarts: int) -> list[Indicator]:
+    """The plan's five indicators at the evaluation ``result``, each saying how it was measured.
+
+    Grad norm is the *largest* pre-clip norm of the finite steps of the window the
+    evaluation closes (``eval_every`` steps), so one bad step in the window fails it.
+    """
+    step, window = result.step, result.window_steps
+    checks = indicators.evaluate_indicators(
+        grad_norm=result.window_grad_norm, diagonality=result.scores["diagonality"],
+        restarts=restarts, loss=result.losses["objective"], quality=result.scores["quality"])
+    measured = {
+        indicators.GRAD_NORM: (
+            f"largest pre-clip grad norm of the last {window} finite steps to step {step}"
+            if window else f"no finite step in the window before step {step}"),
+        indicators.DIAGONALITY: f"diagonality of the validation batch at step {step}",
+        indicators.RESTARTS: "restarts of this run (processes that ended without a clean "
+                             "exit)",
+        indicators.LOSS: f"validation loss mel+postnet+gate at step {step}",
+        indicators.QUALITY: f"alignment quality of the validation batch at step {step}",
+    }
+    return [check.model_copy(update={"measured": measured[check.name]}) for check in checks]
+
+
+def inference_checks(probes: ProbeSummary | None) -> list[Indicator]:
+    """The inference indicator on the latest probe pass; not met before the first."""
+    if probes is None:
+        checks = indicators.evaluate_inference(math.nan, math.nan)
+        return [check.model_copy(update={"measured": "no probe pass yet"})
+                for check in checks]
+    where = f"probe pass of checkpoint step {probes.step} ({probes.n} probes)"
+    measured = {indicators.PROBES_STOP: f"share of probes that stopped by themselves, {where}",
+                indicators.INFERENCE_DIAGONALITY: f"median inference diagonality, {where}"}
+    return [check.model_copy(update={"measured": measured[check.name]})
+            for check in probes.indicators()]
 
 
 class Trainer:
-    """Owns one run: its data, model, optimisation state, checkpoints and run state."""
+    """Owns one run: its data, step engine, checkpoints, run folder and the loop over them."""
 
     def __init__(self, cfg: TrainConfig, data_dir: Path, run_dir: Path, *, resume: bool = False,
                  device: str = "auto", cache_dir: Path | None = None,
@@ -215,41 +200,24 @@ class Trainer:
         self.progress = progress and self.is_main
         self.observers: list[TrainingObserver] = list(observers or [])
         self.controllers: list[TrainingController] = list(controllers or [])
-        self.fault = fault
         self.paused = False
-        if self.is_main:  # the run folder is rank 0's alone
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_folder = RunFolder(self.run_dir, writer=self.is_main)  # rank 0's alone
         self.cfg.model.n_symbols = text_frontend.N_SYMBOLS
 
         self._set_seed(cfg.run.seed)
         distributed.in_turns(self.dist,
                              lambda: self._prepare_data(cache_dir or self.data_dir / ".features"))
-        self.model = Tacotron2(cfg.model, cfg.audio.n_mels).to(self.device)
+        model = Tacotron2(cfg.model, cfg.audio.n_mels).to(self.device)
         self.probes = self._make_probe_runner() if self.is_main else None
         self.last_probes: ProbeSummary | None = None
-        self.optimizer = make_optimizer(self.model, cfg.optim)
-        self.lr = LearningRate(self.optimizer, cfg.optim)
-        self.ga_weight = GuidedAttentionWeight(cfg.optim)
-        # The stop token's positive weight; a command may raise it when the gate never fires.
-        self.gate_positive_weight = cfg.optim.gate_positive_weight
-        self.clipper = GradientClipper(cfg.optim)
-        amp = cfg.optim.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp)
-        self.amp = amp
+        self.engine = StepEngine(cfg, model, self.device, self.dist, fault)
+        # The engine's parts that commands, tests and tools reach through the trainer.
+        self.model, self.optimizer, self.lr = model, self.engine.optimizer, self.engine.lr
         # Only rank 0 writes checkpoints; the others get what it loads by broadcast.
         self.checkpoints: CheckpointManager | None = (
-            CheckpointManager(self.run_dir / CHECKPOINT_DIR, cfg.run.keep_last)
+            CheckpointManager(self.run_folder.checkpoint_dir, cfg.run.keep_last)
             if self.is_main else None)
-        # The module the training step runs: DDP around the model when distributed (it
-        # all-reduces the gradients); evaluation and checkpoints use the bare model.
-        self._ddp = self._wrap_ddp() if self.dist.distributed else None
-        self._train_module: torch.nn.Module = self._ddp if self._ddp is not None else self.model
-        # Distributed only: rank 0's setter calls since the last broadcast, and the control
-        # state every rank's loop acts on (None in a single process: live attributes rule).
-        self._setter_calls: list[SetterCall] | None = \
-            [] if self.dist.distributed and self.is_main else None
-        self._agreed: ControlState | None = ControlState() if self.dist.distributed else None
-        self._stop_reason = "stop_requested"
+        self.control = make_control(self.dist)
 
         self.step = 0
         self.epoch = 0
@@ -262,41 +230,40 @@ class Trainer:
         self._skips_since_checkpoint = 0
         self._max_norm_since_checkpoint = 0.0
         self._stop_requested = False
+        # The evaluation whose verdict observers have not had yet, and the checkpoint whose
+        # probe pass is in flight: a verdict waits for the probes of its own step.
+        self._verdict_due: int | None = None
+        self._probing: int | None = None
 
         if resume and resume_from not in RESUME_FROM:
             raise ValueError(f"resume_from must be one of {', '.join(RESUME_FROM)}")
-        state = self._open_run_state(resume, run_id) if self.is_main else None
+        record = self.run_folder.open_record(resume, run_id) if self.is_main else None
         loaded = self._find_resume_checkpoint(resume_from) if resume and self.is_main else None
         if self.dist.distributed:
             # Every rank takes rank 0's run identity and resumes from the same state.
-            state, loaded = distributed.broadcast_object((state, loaded))
-        assert state is not None
-        self.run_state = state
+            record, loaded = distributed.broadcast_object((record, loaded))
+        assert record is not None
+        self.run_state: RunRecord = record
         if loaded is not None:
             self._restore(loaded)
         else:
             self._fork_rng()
         self.warm_start_report = self._warm_start(warm_start, ignore_layers,
                                                   resumed=loaded is not None)
-        if self.is_main:
-            (self.run_dir / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
+        self.run_folder.write_config(cfg)
         log.info("model: %s parameters, device %s, run %s", f"{count_parameters(self.model):,}",
                  self.device, self.run_state.run_id)
 
+    @property
+    def gate_positive_weight(self) -> float:
+        """The stop token's positive weight in the gate loss (the engine's)."""
+        return self.engine.gate_positive_weight
+
+    @gate_positive_weight.setter
+    def gate_positive_weight(self, value: float) -> None:
+        self.engine.gate_positive_weight = value
+
     # ---------------------------------------------------------------- set-up
-
-    def _wrap_ddp(self) -> torch.nn.parallel.DistributedDataParallel:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # The buffers are copied from rank 0 after each step (distributed.broadcast_buffers),
-        # so they are equal between steps too; DDP's own copy before each forward is off.
-        # Its flag was renamed in torch 2.13; the old one still works, with a warning.
-        params = inspect.signature(DistributedDataParallel).parameters
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
-                          else {"broadcast_buffers": False})
-        return DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            **no_buffer_sync)
 
     def _fork_rng(self) -> None:
         """Ranks other than 0 draw their own dropout masks, from a seed fixed by the step."""
@@ -366,17 +333,17 @@ class Trainer:
         if self.probes is None:
             return False
         finished = self.probes.wait() if wait else self.probes.collect()
+        if wait:
+            self._probing = None  # nothing in flight now (a failed pass yields no summary)
         for summary in finished:
             self.last_probes = summary
+            if self._probing is not None and summary.step >= self._probing:
+                self._probing = None
             speaks = indicators.all_met(summary.indicators())
             if speaks and not self.run_state.spoke_once:
                 self.run_state.spoke_once = True
-                self._write_run_state()
-            record = summary.model_dump(mode="json")
-            self._log_metrics({"kind": "probes", **{k: v for k, v in record.items()
-                                                    if k != "results"}})
-            with (self.run_dir / PROBES_FILE).open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                self.run_folder.save_record(self.run_state)
+            self.run_folder.log_probes(summary)
             assert self.checkpoints is not None
             # Once the model has spoken, a checkpoint that no longer does is no rollback
             # target (as one that lost its alignment is not).
@@ -387,30 +354,6 @@ class Trainer:
                 observer.on_probes(self, summary)
         return bool(finished)
 
-    def _open_run_state(self, resume: bool, run_id: str | None) -> RunState:
-        path = self.run_dir / RUN_STATE_FILE
-        if run_id is not None:
-            validate_run_id(run_id)
-        if resume and path.exists():
-            state = RunState(**json.loads(path.read_text()))
-            if not state.clean_exit:
-                # The previous process died without a clean exit: that is a restart.
-                state.restarts += 1
-                state.consecutive_restarts += 1
-            state.clean_exit = False
-        else:
-            state = RunState(run_id=run_id or uuid.uuid4().hex[:12], started_at=_utc_now())
-        self._write_run_state(state)
-        return state
-
-    def _write_run_state(self, state: RunState | None = None) -> None:
-        if not self.is_main:
-            return
-        path = self.run_dir / RUN_STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(state or self.run_state), indent=2))
-        tmp.replace(path)
-
     # ---------------------------------------------------------------- checkpoints
 
     def _state(self) -> dict[str, Any]:
@@ -419,13 +362,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "skipped_steps": self.skipped_steps,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr": self.lr.state_dict(),
-            "guided_attention": self.ga_weight.state_dict(),
-            "clipper": self.clipper.state_dict(),
-            "gate_positive_weight": self.gate_positive_weight,
-            "scaler": self.scaler.state_dict(),
+            **self.engine.state_dict(),
             "rng": capture_rng_state(),
             "overrides": list(self.overrides),
             "config": self.cfg.model_dump(mode="json"),
@@ -448,14 +385,7 @@ class Trainer:
                 f"symbol {text_frontend.STRESS!r} was added after it); it cannot be resumed "
                 f"- start a new run with --warm-start {loaded.info.file}, which keeps every "
                 "weight and extends the embedding")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr.load_state_dict(state["lr"])
-        self.ga_weight.load_state_dict(state["guided_attention"])
-        self.clipper.load_state_dict(state["clipper"])
-        self.gate_positive_weight = float(state.get("gate_positive_weight",
-                                                    self.cfg.optim.gate_positive_weight))
-        self.scaler.load_state_dict(state["scaler"])
+        self.engine.load_state_dict(state)
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
@@ -475,7 +405,7 @@ class Trainer:
         weights: the warm start is ignored, and the one it had is read back from the run
         folder. Rank 0 reads the checkpoint; every rank loads the same merged weights.
         """
-        record = self.run_dir / WARM_START_FILE
+        record = self.run_folder.warm_start_file
         if source is None or resumed:
             if source is not None:
                 log.info("--warm-start %s ignored: resumed from this run's own checkpoint "
@@ -547,7 +477,8 @@ class Trainer:
         if result is None or not math.isfinite(result.losses["objective"]):
             return False
         # Once aligned, a checkpoint that lost the alignment is no rollback target.
-        return not (self.run_state.aligned_once and result.scores["diagonality"] < 0.3)
+        return not (self.run_state.aligned_once
+                    and result.scores["diagonality"] < indicators.DIAGONALITY_WEAK)
 
     def save_checkpoint(self) -> CheckpointInfo:
         """Save now (atomic); also writes the validation alignment plot for this step.
@@ -559,120 +490,84 @@ class Trainer:
             raise RuntimeError(f"rank {self.dist.rank} does not write checkpoints; rank 0 does")
         if self.last_eval is None or self.last_eval.step != self.step:
             self.evaluate()
+        assert self.last_eval is not None
         metrics = dict(self.last_eval.losses) | dict(self.last_eval.scores)
         info = self.checkpoints.save(self._state(), self.step, self._healthy(), metrics)
         if self.run_state.consecutive_restarts and info.healthy:
             # Progress after a restart: the crash loop, if any, is over.
             self.run_state.consecutive_restarts = 0
-            self._write_run_state()
+            self.run_folder.save_record(self.run_state)
         self._skips_since_checkpoint = 0
         self._max_norm_since_checkpoint = 0.0
-        self.save_alignment_plot()
+        self.run_folder.save_alignment_plot(self.last_eval)
         if self.probes is not None:
             self.probes.submit(self.model, self.step)
+            self._probing = self.step
         for observer in self.observers:
             observer.on_checkpoint(self, info)
         return info
-
-    def save_alignment_plot(self) -> Path | None:
-        """PNG of the first validation sample's attention at the last evaluation."""
-        result = self.last_eval
-        if result is None:
-            return None
-        path = self.run_dir / PLOT_DIR / f"alignment-{result.step:08d}.png"
-        return plot_alignment(
-            result.attention[0], path, title=f"validation alignment, step {result.step}",
-            input_length=int(result.input_lengths[0]),
-            output_length=int(result.decoder_lengths[0]), scores=result.scores)
 
     # ---------------------------------------------------------------- run-time setters
 
     def _record_override(self, kind: str, before: float | None, after: float | None,
                          source: str) -> None:
         self.overrides.append({"step": self.step, "kind": kind, "before": before,
-                               "after": after, "source": source, "time": _utc_now()})
+                               "after": after, "source": source, "time": utc_now()})
 
-    def _share(self, call: SetterCall) -> None:
-        """Distributed, rank 0: queue a setter call for the other ranks to replay."""
-        if self._setter_calls is not None:
-            self._setter_calls.append(call)
-
-    def _replay(self, call: SetterCall) -> None:
-        """Other ranks: make rank 0's setter call here, through the same setter."""
-        match call.action:
-            case "set_lr":
-                self.set_lr(call.value, call.source)
-            case "set_guided_attention_weight":
-                self.set_guided_attention_weight(call.value, call.source)
-            case "set_grad_clip":
-                self.set_grad_clip(call.value, call.source)
-            case "set_gate_positive_weight":
-                self.set_gate_positive_weight(call.value, call.source)
-            case "rollback":
-                self.rollback(call.source, checkpoint=call.checkpoint)
-            case _:  # pragma: no cover - both ends run the same code
-                raise ValueError(f"unknown setter call {call.action!r}")
+    def _applied(self, kind: str, before: float, after: float, source: str
+                 ) -> tuple[float, float]:
+        """A value setter's common end: recorded, shared with the other ranks."""
+        self._record_override(kind, before, after, source)
+        self.control.share(SetterCall(kind, after, source))
+        return before, after
 
     def set_lr(self, value: float, source: str = "api") -> tuple[float, float]:
         """Set the learning rate now; returns (before, after)."""
         before = self.lr.value(self.step)
         self.lr.set(value, self.step)
-        self._record_override("set_lr", before, value, source)
-        self._share(SetterCall("set_lr", value, source))
-        return before, value
+        return self._applied("set_lr", before, value, source)
 
     def set_guided_attention_weight(self, value: float, source: str = "api"
                                     ) -> tuple[float, float]:
         """Set the guided attention weight now; returns (before, after)."""
-        before = self.ga_weight(self.step)
-        self.ga_weight.set(value, self.step)
-        self._record_override("set_guided_attention_weight", before, value, source)
-        self._share(SetterCall("set_guided_attention_weight", value, source))
-        return before, value
+        before = self.engine.ga_weight(self.step)
+        self.engine.ga_weight.set(value, self.step)
+        return self._applied("set_guided_attention_weight", before, value, source)
 
     def set_grad_clip(self, value: float, source: str = "api") -> tuple[float, float]:
         """Set the gradient clipping threshold; returns (before, after)."""
-        before = self.clipper.threshold
-        self.clipper.set_threshold(value)
-        self._record_override("set_grad_clip", before, value, source)
-        self._share(SetterCall("set_grad_clip", value, source))
-        return before, value
+        before = self.engine.clipper.threshold
+        self.engine.clipper.set_threshold(value)
+        return self._applied("set_grad_clip", before, value, source)
 
     def set_gate_positive_weight(self, value: float, source: str = "api"
                                  ) -> tuple[float, float]:
         """Set the stop token's positive weight in the gate loss; returns (before, after)."""
-        before = self.gate_positive_weight
-        self.gate_positive_weight = value
-        self._record_override("set_gate_positive_weight", before, value, source)
-        self._share(SetterCall("set_gate_positive_weight", value, source))
-        return before, value
+        before = self.engine.gate_positive_weight
+        self.engine.gate_positive_weight = value
+        return self._applied("set_gate_positive_weight", before, value, source)
 
     def rollback(self, source: str = "api", checkpoint: LoadedCheckpoint | None = None
                  ) -> CheckpointInfo | None:
         """Restore the weights and data position of the last good checkpoint.
 
-        The run-time settings (LR, guided attention weight, clip threshold) and the
-        history (overrides, skipped-step count) stay as they are now: a rollback is usually
-        paired with a corrective setting, which must not be undone by it. ``checkpoint``
-        restores that one instead: how the other ranks follow rank 0's rollback.
+        The run-time settings (LR, guided attention weight, clip threshold, gate weight)
+        and the history (overrides, skipped-step count) stay as they are now: a rollback is
+        usually paired with a corrective setting, which must not be undone by it.
+        ``checkpoint`` restores that one instead: how the other ranks follow rank 0's.
         """
         loaded = checkpoint
         if loaded is None and self.checkpoints is not None:
             loaded = self.checkpoints.last_good()
         if loaded is None:
             return None
-        kept = (list(self.overrides), self.skipped_steps, self.step, self.lr.state_dict(),
-                self.ga_weight.state_dict(), self.clipper.threshold, self.gate_positive_weight)
+        kept = (list(self.overrides), self.skipped_steps, self.step, self.engine.settings())
         self._restore(loaded)
-        (overrides, self.skipped_steps, step, lr_state, ga_state, threshold,
-         self.gate_positive_weight) = kept
-        self.overrides = overrides
-        self.lr.load_state_dict(lr_state)
-        self.ga_weight.load_state_dict(ga_state)
-        self.clipper.threshold = threshold
+        self.overrides, self.skipped_steps, step, settings = kept
+        self.engine.restore_settings(settings)
         self._record_override("rollback", float(step), float(self.step), source)
         self._skips_since_checkpoint = 0
-        self._share(SetterCall("rollback", None, source, loaded))
+        self.control.share(SetterCall("rollback", None, source, loaded))
         return loaded.info
 
     @property
@@ -690,125 +585,55 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
 
-    def _forward(self, batch: Batch) -> tuple[TacotronOutput, LossTerms]:
-        # A training step goes through DDP when distributed (it all-reduces the gradients);
-        # evaluation, rank 0's alone, must not wait for the other ranks: the bare model.
-        module = self._train_module if self.model.training else self.model
-        with torch.autocast(self.device.type, enabled=self.amp):
-            output = module(batch.text, batch.input_lengths, batch.mel, batch.output_lengths)
-            terms = tacotron_loss(
-                output, batch.mel, batch.gate, batch.input_lengths,
-                self.cfg.model.n_frames_per_step, self.gate_positive_weight,
-                self.ga_weight(self.step), self.cfg.optim.guided_attention_sigma)
-        return output, terms
-
     def train_step(self, batch: Batch) -> StepMetrics:
-        """One optimizer step; a non-finite loss or gradient skips the update.
+        """One optimizer step by the engine (services/trainer/engine.py), counted.
 
-        A skipped step leaves no trace in the model: BatchNorm running statistics, which
-        the forward pass updates, are put back as they were, so NaN activations cannot
-        poison them.
-
-        Distributed, every rank steps on its own batch; the losses reported are the mean
-        over the ranks, a non-finite loss on any rank skips the step on all of them, and
-        the gradients (hence the pre-clip norm) are DDP's all-reduced ones, so every rank
-        takes the same decision and the same update.
+        A non-finite loss or gradient skips the update (and counts as skipped); a finite
+        step's pre-clip norm joins the window the grad norm indicator is judged on.
         """
         started = time.perf_counter()
-        self.model.train()
-        lr = self.lr.apply(self.step)
-        ga_weight = self.ga_weight(self.step)
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        self.optimizer.zero_grad(set_to_none=True)
-        output, terms = self._forward(batch.to(self.device))
-        terms.total = inject(self.fault, self.step, terms.total, output.mel)
-        norm = math.nan
-        threshold = self.clipper.current_threshold()
-        if self._ddp is None:
-            mean_losses = None
-            loss_finite = bool(torch.isfinite(terms.total))
+        out = self.engine.step(batch, self.step)
+        if out.finite:
+            self.recent_norms.append(out.grad_norm)
+            self._max_norm_since_checkpoint = max(self._max_norm_since_checkpoint,
+                                                  out.grad_norm)
         else:
-            mean_losses = self._mean_losses(terms)
-            loss_finite = math.isfinite(mean_losses["loss"])
-        finite = loss_finite
-        if loss_finite:
-            self.scaler.scale(terms.total).backward()
-            clip = self.clipper.clip(self.model, self.optimizer, self.scaler)
-            norm, threshold, finite = clip.norm, clip.threshold, clip.finite
-            if finite:
-                self.scaler.step(self.optimizer)
-            self.scaler.update()
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for buffer, saved in buffers:
-                    buffer.copy_(saved)
             self.skipped_steps += 1
             self._skips_since_checkpoint += 1
             log.warning("step %d skipped: non-finite %s (loss %s, grad norm %s); %d skipped so far",
-                        self.step, "gradients" if loss_finite else "loss",
-                        float(terms.total.detach()), norm, self.skipped_steps)
-        else:
-            self.recent_norms.append(norm)
-            self._max_norm_since_checkpoint = max(self._max_norm_since_checkpoint, norm)
-        if self._ddp is not None:
-            distributed.broadcast_buffers(self.model)
-        losses = terms.as_floats() if mean_losses is None else mean_losses
+                        self.step, "gradients" if out.loss_finite else "loss", out.total,
+                        out.grad_norm, self.skipped_steps)
+        losses = out.losses
         metrics = StepMetrics(
             step=self.step, loss=losses["loss"], mel=losses["mel"],
             mel_postnet=losses["mel_postnet"], gate=losses["gate"],
             guided_attention=losses["guided_attention"], objective=losses["objective"],
-            grad_norm=norm, lr=lr, guided_attention_weight=ga_weight,
-            gate_positive_weight=self.gate_positive_weight, clip_threshold=threshold,
+            grad_norm=out.grad_norm, lr=out.lr, guided_attention_weight=out.guided_attention_weight,
+            gate_positive_weight=out.gate_positive_weight, clip_threshold=out.clip_threshold,
             step_seconds=time.perf_counter() - started,
-            finite=finite, skipped_steps=self.skipped_steps)
+            finite=out.finite, skipped_steps=self.skipped_steps)
         self.last_step_seconds = metrics.step_seconds
         self.step += 1
         return metrics
 
-    def _mean_losses(self, terms: LossTerms) -> dict[str, float]:
-        """The loss terms averaged over the ranks: one all-reduce, the same on every rank.
-
-        A term that is not finite on one rank is not finite in the mean, so every rank
-        sees the same verdict on the loss.
-        """
-        parts = (terms.total, terms.mel, terms.mel_postnet, terms.gate,
-                 terms.guided_attention)
-        summed = distributed.all_reduce_sum(torch.stack([p.detach().float() for p in parts]))
-        loss, mel, mel_postnet, gate, guided = (summed / self.dist.world_size).tolist()
-        return {"loss": loss, "mel": mel, "mel_postnet": mel_postnet, "gate": gate,
-                "guided_attention": guided, "objective": mel + mel_postnet + gate}
-
-    @torch.no_grad()
     def evaluate(self) -> EvalResult:
         """Teacher-forced losses and alignment scores on the fixed validation batch."""
-        self.model.eval()
-        batch = self.val_batch.to(self.device)
-        output, terms = self._forward(batch)
-        r = self.cfg.model.n_frames_per_step
-        decoder_lengths = (batch.output_lengths + r - 1) // r
-        attention = output.alignments.float().cpu().numpy()
-        input_lengths = batch.input_lengths.cpu().numpy()
-        dec_lengths = decoder_lengths.cpu().numpy()
-        scores = alignment_scores(attention, input_lengths, dec_lengths)
-        result = EvalResult(self.step, terms.as_floats(), scores, attention, input_lengths,
-                            dec_lengths)
+        self._settle_verdict(force=True)  # the previous evaluation's, if it still waits
+        result = self.engine.evaluate(self.val_batch, self.step)
+        result.window_grad_norm = max(self.recent_norms) if self.recent_norms else math.inf
+        result.window_steps = len(self.recent_norms)
         self.last_eval = result
+        scores = result.scores
         if scores["diagonality"] > indicators.DIAGONALITY_OK and not self.run_state.aligned_once:
             self.run_state.aligned_once = True
-            self._write_run_state()
-        self._log_metrics({"kind": "eval", "step": self.step, **result.losses, **scores})
+            self.run_folder.save_record(self.run_state)
+        self.run_folder.log({"kind": "eval", "step": self.step, **result.losses, **scores})
         for observer in self.observers:
             observer.on_eval(self, result)
+        self._verdict_due = result.step
         return result
 
-    def _log_metrics(self, record: dict[str, Any]) -> None:
-        if not self.is_main:  # metrics.jsonl is rank 0's
-            return
-        with (self.run_dir / METRICS_FILE).open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _batches(self):
+    def _batches(self) -> Iterator[Batch]:
         """Endless batches; resumes inside an epoch exactly where the checkpoint left off.
 
         Distributed, each rank reads its own shard of every epoch's batches: the same
@@ -832,92 +657,59 @@ class Trainer:
                 self.batch_in_epoch += 1
                 yield self.collate([self.train_set[i] for i in indices])
 
-    # ---------------------------------------------------------------- the loop
+    # ---------------------------------------------------------------- the verdict
 
-    def indicators(self) -> list[indicators.Indicator]:
-        """The plan's five success indicators on the latest evaluation, then the inference
-        indicator on the latest probe pass (when probes are on; not met before the first).
+    def verdict(self) -> Verdict:
+        """The run against every indicator at the latest evaluation (one is made if none).
 
-        Grad norm is the *largest* pre-clip norm of the last ``eval_every`` steps, so one
-        bad step in the window fails it.
+        The plan's five on the evaluation, then (probes on) the inference indicator on the
+        latest probe pass; each says how it was measured. ``first_met_step`` is the run
+        record's: the evaluation at which all were first met, restarts included.
         """
         result = self.last_eval or self.evaluate()
-        norm = max(self.recent_norms) if self.recent_norms else math.inf
-        checks = indicators.evaluate_indicators(
-            grad_norm=norm, diagonality=result.scores["diagonality"],
-            restarts=self.run_state.restarts, loss=result.losses["objective"],
-            quality=result.scores["quality"])
+        checks = training_checks(result, self.run_state.restarts)
         if self.cfg.probes.enabled:
-            probes = self.last_probes
-            checks += (probes.indicators() if probes is not None
-                       else indicators.evaluate_inference(math.nan, math.nan))
-        return checks
+            checks += inference_checks(self.last_probes)
+        return make_verdict(result.step, checks, self.run_state.first_met_step)
 
-    def _lifecycle(self, event: str, detail: str = "", **data: Any) -> None:
+    def _note_all_met(self, started: float) -> bool:
+        """Whether every indicator is met now; the first time ever goes in the run record."""
+        verdict = self.verdict()
+        if verdict.all_met and self.run_state.first_met_step is None:
+            self.run_state.first_met_step = verdict.step
+            self.run_state.first_met_minutes = (time.perf_counter() - started) / 60
+            self.run_folder.save_record(self.run_state)
+            log.info("all success indicators met at step %d", verdict.step)
+        return verdict.all_met
+
+    def _settle_verdict(self, force: bool = False) -> None:
+        """Give observers the due evaluation's verdict, unless it waits for its probes.
+
+        ``force``: now, with whatever probes are known (a newer evaluation is coming, or
+        the run is ending), so every evaluation gets exactly one verdict, in order.
+        """
+        if self._verdict_due is None or (not force and self._probing == self._verdict_due):
+            return
+        self._verdict_due = None
+        verdict = self.verdict()
+        for observer in self.observers:
+            observer.on_verdict(self, verdict)
+
+    # ---------------------------------------------------------------- the loop
+
+    def lifecycle(self, event: str, detail: str = "", **data: Any) -> None:
+        """Tell the observers: run started, paused, resumed, finished, stopped."""
         for observer in self.observers:
             observer.on_lifecycle(self, event, detail, data)
 
-    def _control(self) -> None:
-        """Let the controllers act between steps; while paused, keep polling them."""
-        if self._agreed is not None:
-            self._control_in_lockstep()
-            return
+    def poll_controllers(self) -> None:
+        """Let every controller act once (they may call the setters, pause or stop)."""
         for controller in self.controllers:
             controller.before_step(self)
-        if self.paused:
-            self._lifecycle("paused", f"paused at step {self.step}")
-            while self.paused and not self._stop_requested:
-                time.sleep(PAUSE_POLL_S)
-                for controller in self.controllers:
-                    controller.before_step(self)
-            if not self._stop_requested:
-                self._lifecycle("resumed", f"resumed at step {self.step}")
 
-    def _control_in_lockstep(self) -> None:
-        """``_control`` of a distributed run: every poll ends in rank 0's broadcast.
-
-        The loop reads only the broadcast state, never the live ``paused`` and stop flags,
-        which a signal handler may change between the broadcast and the check on one rank
-        but not on the others.
-        """
-        agreed = self._exchange_control()
-        if agreed.paused and not agreed.stop:
-            self._lifecycle("paused", f"paused at step {self.step}")
-            while agreed.paused and not agreed.stop:
-                time.sleep(PAUSE_POLL_S)  # every rank waits in the broadcast meanwhile
-                agreed = self._exchange_control()
-            if not agreed.stop:
-                self._lifecycle("resumed", f"resumed at step {self.step}")
-
-    def _exchange_control(self) -> ControlState:
-        """Poll the controllers (rank 0), broadcast the outcome, replay it (other ranks).
-
-        Only rank 0's controllers run: it alone hears commands, and whatever they change
-        reaches the others as setter calls, so no rank changes anything on its own.
-        """
-        if self.is_main:
-            for controller in self.controllers:
-                controller.before_step(self)
-            assert self._setter_calls is not None
-            state: ControlState | None = ControlState(
-                calls=self._setter_calls, paused=self.paused, stop=self._stop_requested,
-                stop_reason=self._stop_reason)
-            self._setter_calls = []
-        else:
-            state = None
-        state = distributed.broadcast_object(state)
-        assert state is not None
-        if not self.is_main:
-            for call in state.calls:
-                self._replay(call)
-            self.paused = state.paused
-            self._stop_requested = self._stop_requested or state.stop
-        self._agreed = state
-        return state
-
-    def _stopping(self) -> bool:
-        """Whether the loop stops before the next step (every rank agrees when distributed)."""
-        return self._stop_requested if self._agreed is None else self._agreed.stop
+    def _control(self) -> None:
+        """Between steps: the controllers' turn, and the pause (lockstep when distributed)."""
+        self.control.between_steps(self)
 
     def train(self, max_steps: int | None = None, until_indicators: bool = False,
               max_minutes: float | None = None) -> dict[str, Any]:
@@ -929,24 +721,24 @@ class Trainer:
         max_steps = max_steps or self.cfg.run.max_steps
         started = time.perf_counter()
         deadline = started + max_minutes * 60 if max_minutes else math.inf
-        met_at: dict[str, Any] | None = None
+        met = False  # all indicators met during this call
         batches = self._batches()
         state = self.run_state
-        self._lifecycle("run_started", f"step {self.step}, restarts {state.restarts}",
-                        step=self.step, restarts=state.restarts,
-                        consecutive=state.consecutive_restarts,
-                        restarted=state.consecutive_restarts > 0)
+        self.lifecycle("run_started", f"step {self.step}, restarts {state.restarts}",
+                       step=self.step, restarts=state.restarts,
+                       consecutive=state.consecutive_restarts,
+                       restarted=state.consecutive_restarts > 0)
         bar = tqdm(total=max_steps, initial=self.step, disable=not self.progress,
                    desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
         stop_reason = "max_steps"
         try:
             while self.step < max_steps:
                 self._control()
-                if self._stopping():
-                    stop_reason = self._agreed.stop_reason if self._agreed else "stop_requested"
+                if self.control.stopping(self):
+                    stop_reason = self.control.stop_reason()
                     break
                 metrics = self.train_step(next(batches))
-                self._log_metrics({"kind": "step", **asdict(metrics)})
+                self.run_folder.log({"kind": "step", **asdict(metrics)})
                 for observer in self.observers:
                     observer.on_step(self, metrics)
                 if not self.is_main:
@@ -956,43 +748,35 @@ class Trainer:
                     self.evaluate()
                 # A probe pass that finished in the background may complete the verdict
                 # between evaluations.
-                if (self._collect_probes() or evaluated) and met_at is None \
-                        and indicators.all_met(self.indicators()):
-                    met_at = {"step": self.step,
-                              "minutes": (time.perf_counter() - started) / 60}
-                    log.info("all success indicators met at step %d", self.step)
+                if (self._collect_probes() or evaluated) and not met \
+                        and self._note_all_met(started):
+                    met = True
                     if until_indicators:
                         stop_reason = "indicators_met"
                 if self.step % self.cfg.run.checkpoint_every == 0:
                     self.save_checkpoint()
+                self._settle_verdict()
                 bar.n = self.step  # a rollback moves the step back
                 bar.set_postfix(self._postfix(metrics), refresh=False)
                 bar.update(0)
                 if stop_reason != "indicators_met" and time.perf_counter() > deadline:
                     stop_reason = "time_limit"
-                if stop_reason in ("indicators_met", "time_limit"):
-                    if self._agreed is None:
-                        break
-                    # The other ranks stop with rank 0 at the next broadcast, before a step.
-                    self._stop_reason = stop_reason
-                    self._stop_requested = True
+                if stop_reason in ("indicators_met", "time_limit") \
+                        and self.control.stop_after_step(self, stop_reason):
+                    break
         finally:
             bar.close()
-        if self.is_main:
-            summary: dict[str, Any] | None = self._finish(stop_reason, started, met_at)
-        else:
-            summary = None
+        summary = self._finish(stop_reason, started) if self.is_main else None
         if self.dist.distributed:
             summary = distributed.broadcast_object(summary)
         assert summary is not None
         stop_reason = summary["stop_reason"]  # rank 0's, on every rank
-        self._lifecycle("stopped" if stop_reason == "stop_requested" else "finished",
-                        f"{stop_reason} at step {self.step}", summary=summary)
+        self.lifecycle("stopped" if stop_reason == "stop_requested" else "finished",
+                       f"{stop_reason} at step {self.step}", summary=summary)
         return summary
 
-    def _finish(self, stop_reason: str, started: float, met_at: dict[str, Any] | None
-                ) -> dict[str, Any]:
-        """Rank 0 at the end of ``train``: last checkpoint, clean exit, summary file."""
+    def _finish(self, stop_reason: str, started: float) -> dict[str, Any]:
+        """Rank 0 at the end of ``train``: last checkpoint and verdict, clean exit, summary."""
         assert self.checkpoints is not None
         entries = self.checkpoints.entries()
         if not entries or entries[-1].step != self.step:  # the loop may have just saved it
@@ -1001,11 +785,13 @@ class Trainer:
             # The verdict includes the probes of the final checkpoint.
             self._collect_probes(wait=True)
             self.probes.close()
+        self._note_all_met(started)
+        self._settle_verdict(force=True)
         self.run_state.clean_exit = True
         self.run_state.consecutive_restarts = 0
-        self._write_run_state()
-        summary = self.summary(stop_reason, time.perf_counter() - started, met_at)
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        self.run_folder.save_record(self.run_state)
+        summary = self.summary(stop_reason, time.perf_counter() - started)
+        self.run_folder.write_summary(summary)
         return summary
 
     def _postfix(self, metrics: StepMetrics) -> dict[str, str]:
@@ -1013,10 +799,9 @@ class Trainer:
         return {"loss": f"{metrics.loss:.3f}", "gnorm": f"{metrics.grad_norm:.2f}",
                 "diag": f"{diag:.2f}", "lr": f"{metrics.lr:.1e}"}
 
-    def summary(self, stop_reason: str, seconds: float, met_at: dict[str, Any] | None
-                ) -> dict[str, Any]:
-        """Final report: where the run stands against each of the plan's indicators."""
-        checks = self.indicators()
+    def summary(self, stop_reason: str, seconds: float) -> dict[str, Any]:
+        """Final report: where the run stands against each indicator (the verdict)."""
+        verdict = self.verdict()
         result = self.last_eval
         assert result is not None
         return {
@@ -1028,9 +813,11 @@ class Trainer:
             "restarts": self.run_state.restarts,
             "validation": result.losses,
             "alignment": result.scores,
-            "indicators": [c.model_dump() for c in checks],
-            "all_indicators_met": indicators.all_met(checks),
-            "indicators_first_met": met_at,
+            # The verdict's parts under the keys readers of earlier summaries know.
+            "indicators": [check.model_dump() for check in verdict.indicators],
+            "all_indicators_met": verdict.all_met,
+            "indicators_first_met": self.run_state.first_met(),
+            "verdict": verdict.model_dump(),
             "probes": (self.last_probes.model_dump(mode="json")
                        if self.last_probes is not None else None),
             "overrides": self.overrides,
