@@ -125,7 +125,7 @@ def train(
     telemetry: Annotated[bool, typer.Option(
         help="publish to SMART_TUNER_REDIS_URL and obey commands (when it is set)")] = True,
 ) -> None:
-    """Train Tacotron2; prints a verdict on the plan's five success indicators at the end.
+    """Train Tacotron2; prints the verdict on every success indicator at the end.
 
     The config is the preset, then --config's sections, then the flags (lowest first).
     Under torchrun (``torchrun --nproc_per_node=N -m services.cli train ...``) every worker
@@ -265,15 +265,25 @@ def _stop_on_signals(trainer, echo_window_s: float = 0.0) -> None:
 
 
 def print_summary(summary: dict) -> None:
-    """Rich table of the final verdict."""
+    """Rich table of the final verdict: each indicator, its target and how it was measured."""
+    from services.core.indicators import Indicator, Verdict
+
+    # Summaries written before the verdict existed have only the indicators list.
+    verdict = (Verdict.model_validate(summary["verdict"]) if summary.get("verdict")
+               else None)
+    checks = (verdict.indicators if verdict is not None else
+              [Indicator.model_validate(item) for item in summary["indicators"]])
+    judged = f", judged at step {verdict.step}" if verdict is not None else ""
     table = Table(title=f"run {summary['run_id']}: step {summary['step']} "
-                        f"({summary['stop_reason']}, {summary['seconds'] / 60:.1f} min)")
-    for column in ("indicator", "value", "target", "met"):
+                        f"({summary['stop_reason']}, {summary['seconds'] / 60:.1f} min"
+                        f"{judged})")
+    for column in ("indicator", "value", "target", "met", "measured as"):
         table.add_column(column)
-    for item in summary["indicators"]:
-        table.add_row(item["name"], f"{item['value']:.4g}",
-                      f"{item['comparison']} {item['threshold']:g}",
-                      "[green]yes[/green]" if item["met"] else "[red]no[/red]")
+    for check in checks:
+        table.add_row(check.name, f"{check.value:.4g}",
+                      f"{check.comparison} {check.threshold:g}",
+                      "[green]yes[/green]" if check.met else "[red]no[/red]",
+                      escape(check.measured))
     console.print(table)
     first = summary["indicators_first_met"]
     if first:

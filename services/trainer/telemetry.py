@@ -1,4 +1,4 @@
-"""Trainer telemetry: per-step metrics, attention snapshots and lifecycle events to the bus.
+"""Trainer telemetry: per-step metrics, attention snapshots, verdicts and lifecycle events.
 
 A ``TrainingObserver`` that turns the loop's events into schema messages and hands them to
 the non-blocking ``Publisher``; it never waits on Redis. When a snapshot has reached Redis
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from services.core.bus import Publisher
+from services.core.indicators import Verdict
 from services.core.schemas import (
     AttentionSample,
     AttentionSnapshot,
@@ -24,6 +25,7 @@ from services.core.schemas import (
     Message,
     MetricsMessage,
     ProbeReport,
+    VerdictMessage,
 )
 from services.core.streams import Stream
 from services.trainer.checkpoints import CheckpointInfo
@@ -69,6 +71,12 @@ class Telemetry(TrainingObserver):
         self._last_snapshot_step = result.step
         self.publisher.publish(Stream.ATTENTION, snapshot_from_eval(self.run_id, result,
                                                                    self.samples))
+
+    def on_verdict(self, trainer: Trainer, verdict: Verdict) -> None:
+        """The verdict of every evaluation (with its checkpoint's probes, when it has some):
+        the one every other service shows."""
+        self.publisher.publish(Stream.VERDICT, VerdictMessage(run_id=self.run_id,
+                                                              verdict=verdict))
 
     def on_checkpoint(self, trainer: Trainer, info: CheckpointInfo) -> None:
         """A checkpoint_saved event, with its health verdict."""
