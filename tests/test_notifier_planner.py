@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.core.schemas import Event, Trigger
+from services.core.indicators import evaluate_indicators, make_verdict
+from services.core.schemas import Event, Trigger, VerdictMessage
 from services.core.settings import ConfigError
 from services.notifier.config import load_notifier_settings
 from services.notifier.planner import ReportPlanner
@@ -47,15 +48,23 @@ def test_progress_report_after_every_s_even_without_steps() -> None:
     assert len(notices) == 1 and "step 3" in notices[0].text
 
 
-def test_progress_report_carries_alignment_restarts_and_actions() -> None:
+def test_progress_report_carries_alignment_verdict_and_actions() -> None:
+    """The indicators in the report are the trainer's newest verdict (behaviour changed on
+    purpose, issue 11: the planner used to judge them from the latest step and a restart
+    count); a redelivered older verdict does not replace a newer one."""
     plan = planner(every_steps=10)
-    plan.observe(Event(run_id=RUN, event="run_started", data={"restarts": 2}))
     plan.observe(metrics(step=0))
     assert plan.observe(alignment(5, scores(0.8, 85.0))) == []
+    checks = evaluate_indicators(3.0, 0.8, 2, 0.5, 85.0)
+    newer = VerdictMessage(run_id=RUN, verdict=make_verdict(5, checks), ts=2_000.0)
+    older = VerdictMessage(run_id=RUN, verdict=make_verdict(
+        0, evaluate_indicators(3.0, 0.8, 0, 0.5, 85.0)), ts=1_000.0)
+    assert plan.observe(newer) == [] and plan.observe(older) == []
     plan.observe(record("acked"))
     [notice] = plan.observe(metrics(step=10))
     assert notice.picture  # an alignment report exists
     assert "0.800" in notice.text and "85.0%" in notice.text
+    assert "(step 5): 4/5" in notice.text
     restarts = next(line for line in notice.text.split("\n") if "Restarts" in line)
     assert "2" in restarts and "❌" in restarts  # 2 restarts fail the "no restarts" indicator
     assert "grad_explosion" in notice.text and "5.0e-04" in notice.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import re
 from typing import get_args
 
@@ -10,7 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.core.indicators import evaluate_indicators
+from services.core.indicators import (
+    Verdict,
+    evaluate_indicators,
+    evaluate_inference,
+    make_verdict,
+)
 from services.core.schemas import (
     Ack,
     ActionRecord,
@@ -75,6 +81,18 @@ def record(stage: str = "measured", detail: str = "", note: str = "") -> ActionR
                         command=command, ack=ack, effect=effect)
 
 
+def verdict(grad: float = 3.2, diagonality: float = 0.05, restarts: int = 0,
+            loss: float = 0.8168, quality: float = 42.0, probes: ProbeReport | None = None,
+            step: int = 1200, first_met_step: int | None = None) -> Verdict:
+    """A verdict as the trainer publishes it, with how each value was measured."""
+    checks = evaluate_indicators(grad, diagonality, restarts, loss, quality) + \
+        evaluate_inference(math.nan if probes is None else probes.stop_percent,
+                           math.nan if probes is None else probes.median_diagonality)
+    checks = [c.model_copy(update={"measured": f"measured <{c.name}> at step {step}"})
+              for c in checks]
+    return make_verdict(step, checks, first_met_step)
+
+
 def line_with(text: str, needle: str) -> str:
     return next(line for line in text.split("\n") if needle in line)
 
@@ -92,7 +110,8 @@ def indicator(text: str, words: dict[str, str], name: str) -> str:
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_progress_report_numbers_indicators_and_trends(language: str) -> None:
     text = progress_report(RUN, metrics(), alignment(1200, scores(0.05, 42.0, entropy=0.5)),
-                           alignment(1000, scores(0.20, 30.0, entropy=0.3)), [], 0, language)
+                           alignment(1000, scores(0.20, 30.0, entropy=0.3)), [], verdict(),
+                           language)
     words = MESSAGES[language]
     assert "Smart Tuner V2" in text
     assert "📊 Gradient Norm: 3.2 " in text
@@ -118,15 +137,18 @@ def test_progress_report_numbers_indicators_and_trends(language: str) -> None:
     assert escape(f"> {checks['diagonality'].threshold:g}") in diag
     assert indicator(text, words, "restarts").startswith("✅")
     assert indicator(text, words, "quality %").startswith("❌")
-    # The plan's five, then the inference indicator's two measures (pending: no probes).
-    assert words["indicators_header"].format(met=3, total=7) in text
+    # The plan's five, then the inference indicator's two measures (pending: no probes);
+    # each says how it was measured, escaped.
+    assert words["verdict_header"].format(step=1200, met=3, total=7) in text
+    assert "— <i>measured &lt;diagonality&gt; at step 1200</i>" in diag
+    assert indicator(text, words, "probes stop %").startswith("⏳")
     assert words["no_probes"] in text
     assert words["no_actions"] in text
 
 
 def test_progress_report_no_actions_wording() -> None:
-    ru = progress_report(RUN, metrics(), None, None, [], 0, "ru")
-    en = progress_report(RUN, metrics(), None, None, [], 0, "en")
+    ru = progress_report(RUN, metrics(), None, None, [], None, "ru")
+    en = progress_report(RUN, metrics(), None, None, [], None, "en")
     assert "🛠️ <b>Выполненные действия</b>" in ru and "Действий не было" in ru
     assert "No actions taken" in en
 
@@ -134,22 +156,25 @@ def test_progress_report_no_actions_wording() -> None:
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_progress_report_without_alignment_marks_pending(language: str) -> None:
     text = progress_report(RUN, metrics(grad_norm=float("nan"), finite=False, skipped_steps=2),
-                           None, None, [], 1, language)
+                           None, None, [], None, language)
     words = MESSAGES[language]
     assert words["no_alignment"] in text
     assert "Gradient Norm: NaN" in text
-    grad = indicator(text, words, "grad norm (pre-clip)")
-    assert grad.strip().startswith("❌") and "NaN" in grad
-    assert indicator(text, words, "diagonality").startswith("⏳")
-    assert indicator(text, words, "restarts").startswith("❌")
+    assert words["no_verdict"] in text  # no evaluation yet: nothing is judged here
     assert words["non_finite"].format(skipped=2) in text
+    judged = progress_report(RUN, metrics(), None, None, [], verdict(
+        grad=math.nan, restarts=1, first_met_step=900), language)
+    grad = indicator(judged, words, "grad norm (pre-clip)")
+    assert grad.strip().startswith("⏳")
+    assert indicator(judged, words, "restarts").startswith("❌")
+    assert words["verdict_first_met"].format(step=900) in judged
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_progress_report_lists_actions(language: str) -> None:
     words = MESSAGES[language]
     actions = [record("measured"), record("issued")]
-    text = progress_report(RUN, metrics(), None, None, actions, 0, language)
+    text = progress_report(RUN, metrics(), None, None, actions, None, language)
     lines = [line for line in text.split("\n") if "grad_explosion" in line]
     assert len(lines) == 2
     measured, issued = lines
@@ -162,7 +187,7 @@ def test_progress_report_lists_actions(language: str) -> None:
 
 
 def test_progress_report_caps_actions() -> None:
-    text = progress_report(RUN, metrics(), None, None, [record()] * 13, 0, "en")
+    text = progress_report(RUN, metrics(), None, None, [record()] * 13, None, "en")
     assert text.count("grad_explosion") == 10
     assert "… and 3 earlier" in text
 
@@ -192,7 +217,7 @@ def test_action_report_stages(language: str, stage: str) -> None:
 
 def test_html_escaping_of_data() -> None:
     assert escape(HOSTILE) == "&lt;script&gt;&amp;"
-    progress = progress_report(HOSTILE, metrics(), None, None, [], 0, "en")
+    progress = progress_report(HOSTILE, metrics(), None, None, [], None, "en")
     action = action_report(record(detail=HOSTILE, note=HOSTILE), "ru")
     event = event_report(Event(run_id=RUN, event="critical", severity="critical",
                                detail=HOSTILE, data={HOSTILE: HOSTILE}), "en")
@@ -264,7 +289,7 @@ def non_blank_lines(text: str) -> list[str]:
 
 
 def test_split_short_message_is_one_chunk() -> None:
-    text = progress_report(RUN, metrics(), None, None, [record()], 0, "ru")
+    text = progress_report(RUN, metrics(), None, None, [record()], None, "ru")
     assert split_message(text) == [text]
     assert split_message("") == [] and split_message("\n \n") == []
 
@@ -332,7 +357,8 @@ def probe_report(stop_percent: float = 50.0, diagonality: float = 0.55) -> Probe
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_progress_report_shows_the_inference_probes(language: str) -> None:
     words = MESSAGES[language]
-    text = progress_report(RUN, metrics(), alignment(1200, scores(0.9, 88.0)), None, [], 0,
+    text = progress_report(RUN, metrics(), alignment(1200, scores(0.9, 88.0)), None, [],
+                           verdict(diagonality=0.9, quality=88.0, probes=probe_report()),
                            language, probe_report())
     assert words["probes_header"].format(step=400) in text
     assert words["probes_summary"].format(stopped=10, n=12, diagonality="0.550") in text
@@ -342,12 +368,14 @@ def test_progress_report_shows_the_inference_probes(language: str) -> None:
     # 50 % of probes stop (< 90) and 0.55 (< 0.7): both inference measures unmet.
     assert indicator(text, words, "probes stop %").strip().startswith("❌")
     assert indicator(text, words, "inference diagonality").strip().startswith("❌")
-    spoken = progress_report(RUN, metrics(), alignment(1200, scores(0.9, 88.0)), None, [], 0,
-                             language, probe_report(100.0, 0.9))
+    spoken_verdict = verdict(diagonality=0.9, quality=88.0, probes=probe_report(100.0, 0.9))
+    spoken = progress_report(RUN, metrics(), alignment(1200, scores(0.9, 88.0)), None, [],
+                             spoken_verdict, language, probe_report(100.0, 0.9))
     assert indicator(spoken, words, "probes stop %").strip().startswith("✅")
     status = status_report(RUN, metrics(), alignment(1200, scores(0.9, 88.0)), None, 0,
-                           language, probe_report(100.0, 0.9))
-    assert words["status_indicators"].format(met=7, total=7) in status
+                           language, spoken_verdict)
+    assert words["status_verdict"].format(step=1200, met=7, total=7) in status
+    assert words["no_verdict"] in status_report(RUN, metrics(), None, None, 0, language)
 
 
 @pytest.mark.parametrize("language", LANGUAGES)

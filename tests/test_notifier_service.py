@@ -81,7 +81,8 @@ def test_feed_catches_up_silently_then_reports(telegram, redis_url: str) -> None
     from aiogram.client.telegram import TelegramAPIServer
 
     from services.core.bus import Delivery, connect
-    from services.core.schemas import Event
+    from services.core.indicators import evaluate_indicators, make_verdict
+    from services.core.schemas import VerdictMessage
     from services.notifier.delivery import Outbox
     from services.notifier.feed import ReportFeed
     from services.notifier.planner import ReportPlanner
@@ -90,8 +91,9 @@ def test_feed_catches_up_silently_then_reports(telegram, redis_url: str) -> None
 
     old = time.time() - 3600
     backlog = [Delivery("k", f"{i + 1}-0", metrics(step=i * 10, ts=old)) for i in range(30)]
-    backlog.append(Delivery("k", "40-0", Event(run_id=RUN, event="run_started", ts=old,
-                                               data={"restarts": 1})))
+    # The trainer's verdict in the backlog (it counts one restart): the reports show it.
+    verdict = make_verdict(290, evaluate_indicators(3.0, 0.8, 1, 0.5, 85.0))
+    backlog.append(Delivery("k", "40-0", VerdictMessage(run_id=RUN, verdict=verdict, ts=old)))
     fresh = [Delivery("k", f"{100 + i}-0", metrics(step=300 + i * 10)) for i in range(11)]
     acked: list[str] = []
 
@@ -114,7 +116,7 @@ def test_feed_catches_up_silently_then_reports(telegram, redis_url: str) -> None
     first, message = telegram.calls("sendMessage", 7)
     assert "step 300" in first.params["text"] and "step 400" in message.params["text"]
     restarts = next(line for line in message.params["text"].split("\n") if "Restarts" in line)
-    assert "1" in restarts  # remembered from the silent backlog
+    assert "1" in restarts and "❌" in restarts  # the verdict, remembered from the backlog
     assert acked == [d.entry_id for d in backlog + fresh]
 
 

@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
 from services.core.bounds import check_command
+from services.core.indicators import Verdict
 from services.core.runstore import RunStore
 from services.core.schemas import (
     MAX_NOTE_CHARS,
@@ -314,16 +315,16 @@ async def on_status(message: TgMessage, command: CommandObject, ctx: BotContext)
         return
 
     def gather() -> tuple[MetricsMessage | None, AlignmentReport | None, Event | None, int,
-                          ProbeReport | None]:
+                          Verdict | None]:
         store = ctx.store
         return (store.latest(run_id, MetricsMessage), store.latest(run_id, AlignmentReport),
                 store.latest(run_id, Event), store.restarts(run_id),
-                store.latest_probes(run_id))
+                store.latest_verdict(run_id))
 
-    metrics, report, event, restarts, probes = await asyncio.to_thread(gather)
+    metrics, report, event, restarts, verdict = await asyncio.to_thread(gather)
     ctx.metrics.commands.labels("status", "ok").inc()
     ctx.reply(message.chat.id, status_report(run_id, metrics, report, event, restarts,
-                                             ctx.settings.language, probes))
+                                             ctx.settings.language, verdict))
 
 
 async def on_report(message: TgMessage, command: CommandObject, ctx: BotContext) -> None:
@@ -334,21 +335,21 @@ async def on_report(message: TgMessage, command: CommandObject, ctx: BotContext)
     if run_id is None:
         return
 
-    def gather() -> tuple[MetricsMessage | None, list[AlignmentReport], list[Any], int,
-                          ProbeReport | None]:
+    def gather() -> tuple[MetricsMessage | None, list[AlignmentReport], list[Any],
+                          Verdict | None, ProbeReport | None]:
         store = ctx.store
         return (store.latest(run_id, MetricsMessage), store.recent(run_id, AlignmentReport, 2),
-                store.latest_actions(run_id, MAX_ACTIONS_SHOWN), store.restarts(run_id),
+                store.latest_actions(run_id, MAX_ACTIONS_SHOWN), store.latest_verdict(run_id),
                 store.latest_probes(run_id))
 
-    metrics, reports, actions, restarts, probes = await asyncio.to_thread(gather)
+    metrics, reports, actions, verdict, probes = await asyncio.to_thread(gather)
     if metrics is None:
         ctx.metrics.commands.labels("report", "empty").inc()
         ctx.reply(chat_id, ctx.words["no_metrics"].format(run_id=escape(run_id)))
         return
     report = reports[-1] if reports else None
     previous = reports[-2] if len(reports) > 1 else None
-    ctx.reply(chat_id, progress_report(run_id, metrics, report, previous, actions, restarts,
+    ctx.reply(chat_id, progress_report(run_id, metrics, report, previous, actions, verdict,
                                        ctx.settings.language, probes))
     await _send_picture(ctx, chat_id, run_id)
     ctx.metrics.commands.labels("report", "ok").inc()

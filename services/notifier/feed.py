@@ -32,7 +32,8 @@ from services.notifier.planner import Notice, ReportPlanner
 log = logging.getLogger(__name__)
 
 GROUP = "notifier"
-INPUT_STREAMS = (Stream.METRICS, Stream.DIAGNOSTICS, Stream.ACTIONS, Stream.EVENTS)
+INPUT_STREAMS = (Stream.METRICS, Stream.DIAGNOSTICS, Stream.ACTIONS, Stream.EVENTS,
+                 Stream.VERDICT)
 
 
 class ReportFeed:

@@ -28,6 +28,7 @@ from services.core.schemas import (
     Message,
     MetricsMessage,
     ProbeReport,
+    VerdictMessage,
     probe_report,
 )
 from services.notifier.reports import Language, action_report, event_report, progress_report
@@ -57,7 +58,7 @@ class _RunDigest:
     metrics: MetricsMessage | None = None
     report: AlignmentReport | None = None
     previous_report: AlignmentReport | None = None
-    restarts: int = 0
+    verdict: VerdictMessage | None = None
     probes: ProbeReport | None = None
     last_report_step: int | None = None
     last_report_at: float | None = None
@@ -96,6 +97,11 @@ class ReportPlanner:
             if digest.report is None or message.step >= digest.report.step:
                 digest.previous_report, digest.report = digest.report, message
             return []
+        if isinstance(message, VerdictMessage):
+            digest = self._digest(message.run_id)
+            if digest.verdict is None or message.ts >= digest.verdict.ts:
+                digest.verdict = message  # the newest written (a rollback judges earlier steps)
+            return []
         if isinstance(message, ActionRecord):
             return self._on_action(message)
         if isinstance(message, Event):
@@ -108,7 +114,9 @@ class ReportPlanner:
         if digest.metrics is None:
             return None
         text = progress_report(run_id, digest.metrics, digest.report, digest.previous_report,
-                               self.actions(run_id), digest.restarts, self.language,
+                               self.actions(run_id),
+                               None if digest.verdict is None else digest.verdict.verdict,
+                               self.language,
                                digest.probes)
         return Notice(run_id, text, picture=digest.report is not None)
 
@@ -164,10 +172,6 @@ class ReportPlanner:
 
     def _on_event(self, event: Event) -> list[Notice]:
         digest = self._digest(event.run_id)
-        if event.event == "run_started":
-            restarts = event.data.get("restarts")
-            if isinstance(restarts, int) and restarts >= 0:
-                digest.restarts = restarts
         if event.event == "checkpoint_saved" and event.data.get("healthy", True) is not False:
             return []  # routine; an unhealthy checkpoint is worth a word
         probes = probe_report(event)

@@ -20,13 +20,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from services.core.indicators import (
-    ALIGNMENT_INDICATORS,
-    INFERENCE_INDICATORS,
-    Indicator,
-    evaluate_indicators,
-    evaluate_inference,
-)
+from services.core.indicators import Indicator, Verdict
 from services.core.schemas import (
     Ack,
     ActionRecord,
@@ -101,6 +95,9 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "score_entropy": "Энтропия",
         "score_quality": "Качество",
         "indicators_header": "🏁 <b>Индикаторы успеха</b>: {met}/{total}",
+        "verdict_header": "🏁 <b>Индикаторы успеха</b> (шаг {step}): {met}/{total}",
+        "verdict_first_met": "все выполнены впервые на шаге {step}",
+        "no_verdict": "🏁 Индикаторы успеха: оценки ещё не было",
         "indicator_line": "{mark} {name}: {value} (цель {comparison} {threshold})",
         "no_data": "нет данных",
         "indicator_grad norm (pre-clip)": "Gradient norm (до клиппинга)",
@@ -180,6 +177,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "status_event": "🕑 Последнее событие: {event}{step}",
         "status_restarts": "🔄 Перезапусков: {restarts}",
         "status_indicators": "🏁 Индикаторы успеха: {met}/{total}",
+        "status_verdict": "🏁 Индикаторы успеха (шаг {step}): {met}/{total}",
         "status_alignment": "🎯 Диагональность: {diagonality} · качество: {quality} (шаг {step})",
         "actions_title": "🛠️ <b>Последние действия тюнера</b> · <code>{run_id}</code>",
         "help": "🤖 <b>Smart Tuner</b> — команды (необязательный последний аргумент — id "
@@ -253,6 +251,9 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "score_entropy": "Entropy",
         "score_quality": "Quality",
         "indicators_header": "🏁 <b>Success indicators</b>: {met}/{total}",
+        "verdict_header": "🏁 <b>Success indicators</b> (step {step}): {met}/{total}",
+        "verdict_first_met": "all first met at step {step}",
+        "no_verdict": "🏁 Success indicators: no evaluation yet",
         "indicator_line": "{mark} {name}: {value} (target {comparison} {threshold})",
         "no_data": "no data",
         "indicator_grad norm (pre-clip)": "Gradient norm (pre-clip)",
@@ -331,6 +332,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "status_event": "🕑 Last event: {event}{step}",
         "status_restarts": "🔄 Restarts: {restarts}",
         "status_indicators": "🏁 Success indicators: {met}/{total}",
+        "status_verdict": "🏁 Success indicators (step {step}): {met}/{total}",
         "status_alignment": "🎯 Diagonality: {diagonality} · quality: {quality} (step {step})",
         "actions_title": "🛠️ <b>Latest tuner actions</b> · <code>{run_id}</code>",
         "help": "🤖 <b>Smart Tuner</b> commands (an optional last argument names the run; "
@@ -481,16 +483,34 @@ def _indicator_name(words: Mapping[str, str], name: str) -> str:
 
 
 def _indicator_lines(words: Mapping[str, str], checks: Sequence[Indicator],
-                     pending: frozenset[str] = frozenset()) -> list[str]:
-    met = sum(check.met for check in checks if check.name not in pending)
-    lines = [words["indicators_header"].format(met=met, total=len(checks))]
+                     header: str | None = None) -> list[str]:
+    """The ✅/❌ list: one line per indicator with its value, target and how it was
+    measured; a value not measured yet (NaN: no probe pass so far) is pending."""
+    pending = {check.name for check in checks if math.isnan(check.value)}
+    met = sum(check.met for check in checks)
+    lines = [header or words["indicators_header"].format(met=met, total=len(checks))]
     for check in checks:
         waiting = check.name in pending
         mark = PENDING_MARK if waiting else (MET_MARK if check.met else UNMET_MARK)
         value = words["no_data"] if waiting else format_number(check.value)
-        lines.append(_line(words["indicator_line"].format(
+        line = words["indicator_line"].format(
             mark=mark, name=_indicator_name(words, check.name), value=value,
-            comparison=escape(check.comparison), threshold=f"{check.threshold:g}"), 1))
+            comparison=escape(check.comparison), threshold=f"{check.threshold:g}")
+        if check.measured:
+            line += f" — <i>{escape(check.measured)}</i>"
+        lines.append(_line(line, 1))
+    return lines
+
+
+def _verdict_lines(words: Mapping[str, str], verdict: Verdict | None) -> list[str]:
+    """The trainer's verdict as the report shows it (it is never recomputed here)."""
+    if verdict is None:
+        return [words["no_verdict"]]
+    header = words["verdict_header"].format(step=verdict.step, met=verdict.met_count,
+                                            total=len(verdict.indicators))
+    lines = _indicator_lines(words, verdict.indicators, header)
+    if verdict.first_met_step is not None:
+        lines.append(_line(words["verdict_first_met"].format(step=verdict.first_met_step), 1))
     return lines
 
 
@@ -513,26 +533,6 @@ def _action_line(words: Mapping[str, str], record: ActionRecord) -> str:
         rule=escape(trigger.rule), metric=escape(trigger.metric),
         value=format_number(trigger.value), threshold=format_number(trigger.threshold),
         action=escape(command.action), change=change, ack=ack_text, effect=effect_text), 1)
-
-
-def _run_indicators(metrics: MetricsMessage, report: AlignmentReport | None,
-                    restarts: int, probes: ProbeReport | None) -> list[Indicator]:
-    """The five indicators as the tuner judges them: the step's objective for the loss; NaN
-    (unmet) for the alignment ones until there is a report. Then the inference indicator
-    from the newest probe pass (NaN before the first)."""
-    return evaluate_indicators(
-        grad_norm=metrics.grad_norm,
-        diagonality=math.nan if report is None else report.scores.diagonality,
-        restarts=restarts, loss=metrics.objective,
-        quality=math.nan if report is None else report.scores.quality,
-    ) + evaluate_inference(
-        math.nan if probes is None else probes.stop_percent,
-        math.nan if probes is None else probes.median_diagonality)
-
-
-def _pending(report: AlignmentReport | None, probes: ProbeReport | None) -> frozenset[str]:
-    return ((ALIGNMENT_INDICATORS if report is None else frozenset())
-            | (INFERENCE_INDICATORS if probes is None else frozenset()))
 
 
 def _probe_lines(words: Mapping[str, str], probes: ProbeReport | None) -> list[str]:
@@ -562,16 +562,15 @@ def _probe_failure_lines(words: Mapping[str, str], probes: ProbeReport) -> list[
 
 def progress_report(run_id: str, metrics: MetricsMessage, report: AlignmentReport | None,
                     previous_report: AlignmentReport | None, actions: Sequence[ActionRecord],
-                    restarts: int, language: Language,
+                    verdict: Verdict | None, language: Language,
                     probes: ProbeReport | None = None) -> str:
     """The periodic progress report.
 
     Step, losses, pre-clip grad norm, LR, guided attention weight and clip threshold from
     ``metrics``; the alignment scores of ``report`` with trend arrows against
-    ``previous_report``; the five success indicators (the loss indicator reads the step's
-    objective, as the tuner does; without a report the alignment ones are pending); and one
-    line per action in ``actions`` (the latest ``MAX_ACTIONS_SHOWN``), or an explicit "no
-    actions" line.
+    ``previous_report``; the trainer's ``verdict`` on the success indicators, as it was
+    published (each with how it was measured); and one line per action in ``actions`` (the
+    latest ``MAX_ACTIONS_SHOWN``), or an explicit "no actions" line.
     """
     words = MESSAGES[language]
     lines = [
@@ -603,9 +602,8 @@ def progress_report(run_id: str, metrics: MetricsMessage, report: AlignmentRepor
         lines.extend(_score_lines(words, report.scores, previous))
     lines.append("")
     lines.extend(_probe_lines(words, probes))
-    checks = _run_indicators(metrics, report, restarts, probes)
     lines.append("")
-    lines.extend(_indicator_lines(words, checks, _pending(report, probes)))
+    lines.extend(_verdict_lines(words, verdict))
     lines.append("")
     lines.append(words["actions_header"])
     if not actions:
@@ -620,9 +618,9 @@ def progress_report(run_id: str, metrics: MetricsMessage, report: AlignmentRepor
 
 def status_report(run_id: str, metrics: MetricsMessage | None, report: AlignmentReport | None,
                   last_event: Event | None, restarts: int, language: Language,
-                  probes: ProbeReport | None = None) -> str:
-    """The run in brief (``/status``): step, loss, grad norm, LR, alignment, indicators met,
-    restarts and the last event."""
+                  verdict: Verdict | None = None) -> str:
+    """The run in brief (``/status``): step, loss, grad norm, LR, alignment, how many of the
+    trainer's verdict's indicators are met, restarts and the last event."""
     words = MESSAGES[language]
     lines = [words["status_title"]]
     if metrics is None:
@@ -641,10 +639,11 @@ def status_report(run_id: str, metrics: MetricsMessage | None, report: Alignment
         lines.append(words["status_alignment"].format(
             diagonality=format_score(report.scores.diagonality),
             quality=format_percent(report.scores.quality), step=report.step))
-    if metrics is not None:
-        checks = _run_indicators(metrics, report, restarts, probes)
-        lines.append(words["status_indicators"].format(met=sum(c.met for c in checks),
-                                                       total=len(checks)))
+    if verdict is None:
+        lines.append(words["no_verdict"])
+    else:
+        lines.append(words["status_verdict"].format(step=verdict.step, met=verdict.met_count,
+                                                    total=len(verdict.indicators)))
     lines.append(words["status_restarts"].format(restarts=restarts))
     if last_event is not None:
         step = "" if last_event.step is None else words["event_step"].format(
