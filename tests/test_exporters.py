@@ -65,6 +65,16 @@ def test_trainer_metrics_over_http_during_a_run(small_corpus, small_config, tmp_
     assert got[("smart_tuner_bus_dropped_messages_total", run)] == 5
     assert got[("smart_tuner_bus_dead_letters_total", (("consumer", "trainer"),))] == 2
     assert got[("smart_tuner_trainer_paused", run)] == 0
+    # The verdict gauges say what the trainer's verdict says (the dashboards read them).
+    verdict = trainer.verdict()
+    assert got[("smart_tuner_verdict_step", run)] == verdict.step
+    assert got[("smart_tuner_indicators_total", run)] == len(verdict.indicators)
+    assert got[("smart_tuner_indicators_met", run)] == verdict.met_count
+    for check in verdict.indicators:
+        labels = (("indicator", check.name), ("run", run_id))
+        assert got[("smart_tuner_indicator_met", labels)] == float(check.met)
+        assert got[("smart_tuner_indicator_value", labels)] == pytest.approx(check.value,
+                                                                           nan_ok=True)
 
 
 def test_observer_counts_deltas_and_restarts_the_plateau_on_rollback() -> None:
@@ -163,6 +173,8 @@ def test_alert_rules_use_the_plans_numbers() -> None:
                       ">") == indicators.GRAD_NORM_OK
     assert _threshold(rules["AlignmentRedFlag"]["expr"], "smart_tuner_alignment_diagonality",
                       "<") == indicators.DIAGONALITY_RED_FLAG
+    assert _threshold(rules["AlignmentWeak"]["expr"], "smart_tuner_alignment_diagonality",
+                      "<") == indicators.DIAGONALITY_WEAK
     for name in ("AlignmentRedFlag", "AlignmentWeak"):
         assert _threshold(rules[name]["expr"], "smart_tuner_alignment_snapshot_step",
                           ">") == warmup

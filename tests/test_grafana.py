@@ -215,9 +215,9 @@ def test_alignment_panel_draws_red_flag_warning_and_indicator_lines(
         dashboards: dict[str, dict[str, Any]]) -> None:
     (panel,) = panels_querying(dashboards[RUN_UID], "smart_tuner_alignment_diagonality",
                                "timeseries")
-    warning = 0.3  # diagonality below it after warm-up is a warning
     assert threshold_steps(panel) == [
-        ("red", None), ("orange", indicators.DIAGONALITY_RED_FLAG), ("yellow", warning),
+        ("red", None), ("orange", indicators.DIAGONALITY_RED_FLAG),
+        ("yellow", indicators.DIAGONALITY_WEAK),
         ("green", indicators.DIAGONALITY_OK)]
     assert panel["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "line"
     queried = set().union(*(metric_names(t["expr"]) for t in panel["targets"]))
@@ -225,28 +225,46 @@ def test_alignment_panel_draws_red_flag_warning_and_indicator_lines(
             "smart_tuner_alignment_coverage"} <= queried
 
 
-@pytest.mark.parametrize(("metric", "expected_steps"), [
+def indicator_panel(board: dict[str, Any], name: str) -> dict[str, Any]:
+    """The stat panel showing the verdict's indicator ``name``."""
+    (panel,) = [p for p in panels_querying(board, "smart_tuner_indicator_value", "stat")
+                if f'indicator="{name}"' in p["targets"][0]["expr"]]
+    return panel
+
+
+@pytest.mark.parametrize(("name", "expected_steps", "top_row"), [
     # green below the threshold, red from it on
-    ("smart_tuner_trainer_grad_norm", [("green", None), ("red", indicators.GRAD_NORM_OK)]),
-    ("smart_tuner_trainer_restarts",
-     [("green", None), ("red", indicators.MAX_RESTARTS_OK + 1)]),
-    ("smart_tuner_trainer_loss", [("green", None), ("red", indicators.LOSS_OK)]),
+    (indicators.GRAD_NORM, [("green", None), ("red", indicators.GRAD_NORM_OK)], True),
+    (indicators.RESTARTS, [("green", None), ("red", indicators.MAX_RESTARTS_OK + 1)], True),
+    (indicators.LOSS, [("green", None), ("red", indicators.LOSS_OK)], True),
     # red below, green from the threshold on
-    ("smart_tuner_alignment_diagonality",
-     [("red", None), ("green", indicators.DIAGONALITY_OK)]),
-    ("smart_tuner_alignment_quality_percent",
-     [("red", None), ("green", indicators.QUALITY_OK)]),
+    (indicators.DIAGONALITY, [("red", None), ("green", indicators.DIAGONALITY_OK)], True),
+    (indicators.QUALITY, [("red", None), ("green", indicators.QUALITY_OK)], True),
+    (indicators.PROBES_STOP, [("red", None), ("green", indicators.PROBES_STOP_OK)], False),
+    (indicators.INFERENCE_DIAGONALITY,
+     [("red", None), ("green", indicators.INFERENCE_DIAGONALITY_OK)], False),
 ])
-def test_success_indicator_stat_is_colored_by_the_plan_threshold(
-        dashboards: dict[str, dict[str, Any]], metric: str,
-        expected_steps: list[tuple[str, float | None]]) -> None:
-    (panel,) = panels_querying(dashboards[RUN_UID], metric, "stat")
+def test_success_indicator_stat_shows_the_verdict_colored_by_the_plan_threshold(
+        dashboards: dict[str, dict[str, Any]], name: str,
+        expected_steps: list[tuple[str, float | None]], top_row: bool) -> None:
+    """Each indicator panel reads the trainer's verdict (the same one the bot and the API
+    show), never a raw gauge of its own, and is colored by the threshold constant."""
+    panel = indicator_panel(dashboards[RUN_UID], name)
     assert threshold_steps(panel) == expected_steps
     assert panel["fieldConfig"]["defaults"]["color"]["mode"] == "thresholds"
     assert panel["options"]["colorMode"] == "background"
-    assert panel["gridPos"]["y"] == 1  # the indicators share the top row
-    if metric == "smart_tuner_trainer_loss":
-        assert 'part="objective"' in panel["targets"][0]["expr"]
+    assert (panel["gridPos"]["y"] == 1) == top_row  # the plan's five share the top row
+
+
+def test_every_verdict_indicator_has_a_panel_and_the_count_is_shown(
+        dashboards: dict[str, dict[str, Any]]) -> None:
+    board = dashboards[RUN_UID]
+    checks = indicators.evaluate_indicators(1, 1, 0, 1, 1) + indicators.evaluate_inference(1, 1)
+    for check in checks:
+        indicator_panel(board, check.name)
+    (count,) = panels_querying(board, "smart_tuner_indicators_met", "stat")
+    queried = set().union(*(metric_names(t["expr"]) for t in count["targets"]))
+    assert {"smart_tuner_indicators_total", "smart_tuner_verdict_step"} <= queried
 
 
 def test_run_overview_shows_the_rest_of_the_run(dashboards: dict[str, dict[str, Any]]) -> None:

@@ -17,6 +17,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from services.core.bus import PublisherStats
+from services.core.indicators import Verdict
 from services.core.metrics import DeadLetterCounter, port_from_env
 from services.core.plateau import PlateauClock
 from services.trainer.probes import ProbeSummary
@@ -86,6 +87,23 @@ class TrainerMetrics:
         self.probes_step = Gauge("smart_tuner_trainer_probes_checkpoint_step",
                                  "Step of the checkpoint the probe figures are from",
                                  ["run"], registry=r)
+        # The trainer's verdict, the same object the verdict stream carries: the dashboards'
+        # indicator panels show these, so they say what the bot and the API say.
+        self.indicator_value = Gauge("smart_tuner_indicator_value",
+                                     "Each success indicator's value in the latest verdict",
+                                     ["run", "indicator"], registry=r)
+        self.indicator_met = Gauge("smart_tuner_indicator_met",
+                                   "1 when the indicator is met in the latest verdict",
+                                   ["run", "indicator"], registry=r)
+        self.indicators_met = Gauge("smart_tuner_indicators_met",
+                                    "How many indicators the latest verdict meets",
+                                    ["run"], registry=r)
+        self.indicators_total = Gauge("smart_tuner_indicators_total",
+                                      "How many indicators the verdict judges", ["run"],
+                                      registry=r)
+        self.verdict_step = Gauge("smart_tuner_verdict_step",
+                                  "The step the latest verdict was judged at", ["run"],
+                                  registry=r)
 
 
 class PrometheusObserver(TrainingObserver):
@@ -153,6 +171,16 @@ class PrometheusObserver(TrainingObserver):
         self.metrics.probes_stop.labels(run).set(summary.stop_share)
         self.metrics.probes_diagonality.labels(run).set(summary.median_diagonality)
         self.metrics.probes_step.labels(run).set(summary.step)
+
+    def on_verdict(self, trainer: Trainer, verdict: Verdict) -> None:
+        """Every indicator of the trainer's verdict, as published on the verdict stream."""
+        run, series = self.run_id, self.metrics
+        for check in verdict.indicators:
+            series.indicator_value.labels(run, check.name).set(check.value)
+            series.indicator_met.labels(run, check.name).set(1 if check.met else 0)
+        series.indicators_met.labels(run).set(verdict.met_count)
+        series.indicators_total.labels(run).set(len(verdict.indicators))
+        series.verdict_step.labels(run).set(verdict.step)
 
     def on_lifecycle(self, trainer: Trainer, event: str, detail: str,
                      data: dict[str, Any]) -> None:
