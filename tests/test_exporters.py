@@ -15,11 +15,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.core import indicators
 from services.core.bus import PublisherStats
-from services.core.metrics import DeadLetterCounter, port_from_env
+from services.core.metrics import DeadLetterCounter
 from services.core.plateau import PlateauClock, is_improvement
+from services.core.settings import ConfigError
+from services.diagnostics import exporter as diagnostics_exporter
+from services.trainer import exporter as trainer_exporter
 from services.trainer.exporter import PrometheusObserver, TrainerMetrics, serve_metrics
 from services.trainer.faults import FaultPlan
 from services.trainer.training import Trainer
+from services.tuner import exporter as tuner_exporter
 from services.tuner.config import load_tuner_config
 from services.tuner.exporter import TunerMetrics
 
@@ -129,15 +133,19 @@ def test_dead_letter_counter_never_goes_back() -> None:
     assert counter.counter.labels("notifier")._value.get() == 2
 
 
+@pytest.mark.parametrize("exporter", [trainer_exporter, tuner_exporter, diagnostics_exporter])
 @pytest.mark.parametrize(("value", "ok"), [("", None), ("9101", 9101), ("0", "bad"),
                                            ("70000", "bad"), ("http", "bad")])
-def test_port_from_env(monkeypatch: pytest.MonkeyPatch, value: str, ok) -> None:
-    monkeypatch.setenv("SOME_PORT", value)
+def test_metrics_ports_are_validated_settings(monkeypatch: pytest.MonkeyPatch, exporter,
+                                              value: str, ok) -> None:
+    """Each service's metrics port is a setting: read from the environment (or .env), empty
+    means off, and a bad one fails with the variable named."""
+    monkeypatch.setenv(exporter.METRICS_PORT_ENV, value)
     if ok == "bad":
-        with pytest.raises(ValueError, match="SOME_PORT"):
-            port_from_env("SOME_PORT")
+        with pytest.raises(ConfigError, match=exporter.METRICS_PORT_ENV):
+            exporter.metrics_port_from_env()
     else:
-        assert port_from_env("SOME_PORT") == ok
+        assert exporter.metrics_port_from_env() == ok
 
 
 def test_plateau_clock() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tomllib
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.core import bounds as command_bounds
-from services.core import indicators
+from services.core import indicators, plateau
 from services.core.schemas import (
+    COMMAND_TTL_S,
     Ack,
     AlignmentReport,
     AlignmentScores,
@@ -24,8 +26,8 @@ from services.core.schemas import (
     Trigger,
     VerdictMessage,
 )
+from services.trainer.config import TrainConfig
 from services.tuner.config import (
-    DIAGONALITY_LOW,
     TunerConfig,
     TunerConfigError,
     load_tuner_config,
@@ -185,12 +187,36 @@ def only(decisions: list[Decision], rule: str, action: str | None = None) -> lis
 # ---------------------------------------------------------------------- config
 
 
-def test_shipped_config_is_the_defaults_and_the_plan_numbers() -> None:
-    config = load_tuner_config(ROOT / "config" / "tuner.toml")
-    assert config == TunerConfig()
+def _keys(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf of a TOML table."""
+    leaves: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            leaves.update(_keys(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def test_shipped_config_sets_only_what_deviates_from_the_defaults() -> None:
+    """config/tuner.toml lists overrides, never a copy of a default (which would drift)."""
+    path = ROOT / "config" / "tuner.toml"
+    defaults = _keys(TunerConfig().model_dump())
+    shipped = _keys(tomllib.loads(path.read_text()))
+    assert set(shipped) <= set(defaults)
+    assert [key for key, value in shipped.items() if value == defaults[key]] == []
+    assert _keys(load_tuner_config(path).model_dump()) == {**defaults, **shipped}
+
+
+def test_defaults_are_the_plan_numbers_and_the_shared_constants() -> None:
+    config = TunerConfig()
     assert config.grad_norm.red_flag == indicators.GRAD_NORM_RED_FLAG
     assert config.alignment.red_flag == indicators.DIAGONALITY_RED_FLAG
-    assert config.alignment.low == DIAGONALITY_LOW
+    assert config.alignment.low == indicators.DIAGONALITY_WEAK
+    assert config.bounds.lr_min == command_bounds.LR_FLOOR == TrainConfig().optim.min_learning_rate
+    assert config.service.command_ttl_s == COMMAND_TTL_S
+    assert config.plateau.smoothing == plateau.DEFAULT_SMOOTHING
+    assert config.plateau.min_rel_improvement == plateau.DEFAULT_MIN_REL_IMPROVEMENT
     assert config.plateau.steps == indicators.LOSS_PLATEAU_STEPS_RED_FLAG
     assert config.restarts.max_consecutive == indicators.CONSECUTIVE_RESTARTS_RED_FLAG
     assert config.anneal.stable_above == indicators.DIAGONALITY_OK

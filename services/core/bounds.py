@@ -26,6 +26,10 @@ GRAD_CLIP_MAX = 1000.0
 # than the others; far above ~100 the gate fires everywhere.
 GATE_POS_WEIGHT_MIN = 1.0
 GATE_POS_WEIGHT_MAX = 100.0
+# The LR a schedule decays to by default and the lowest the tuner lowers it to: below it a
+# Tacotron2 learns too slowly to matter, so a plateau there stops the run instead. Commands
+# from a person may still go down to LR_MIN.
+LR_FLOOR = 1e-5
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,10 @@
-"""Prometheus pieces every service shares: the metrics port setting, the dead-letter count."""
+"""Prometheus pieces every service shares: the dead-letter count."""
 
 from __future__ import annotations
-
-import os
 
 from prometheus_client import CollectorRegistry, Counter
 
 DEAD_LETTERS_METRIC = "smart_tuner_bus_dead_letters"
-
-
-def port_from_env(variable: str) -> int | None:
-    """The TCP port in ``$variable``, None when unset or empty; ValueError naming it if bad."""
-    value = os.environ.get(variable, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or not 0 < int(value) < 65_536:
-        raise ValueError(f"{variable} must be a TCP port (1-65535), got {value!r}")
-    return int(value)
 
 
 class DeadLetterCounter:

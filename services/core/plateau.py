@@ -31,15 +31,20 @@ class PlateauClock:
         self.best: float | None = None
         self.best_step: int | None = None
 
+    @property
+    def mean(self) -> float | None:
+        """The moving mean of the last ``smoothing`` finite values (None until full)."""
+        if len(self.window) < (self.window.maxlen or 1):
+            return None
+        return sum(self.window) / len(self.window)
+
     def observe(self, step: int, value: float) -> None:
         """Take the loss of ``step``; non-finite values are not losses and are ignored."""
         if not math.isfinite(value):
             return
         self.window.append(value)
-        if len(self.window) < (self.window.maxlen or 1):
-            return
-        mean = sum(self.window) / len(self.window)
-        if is_improvement(self.best, mean, self.min_rel_improvement):
+        mean = self.mean
+        if mean is not None and is_improvement(self.best, mean, self.min_rel_improvement):
             self.best, self.best_step = mean, step
 
     def restart(self) -> None:

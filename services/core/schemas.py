@@ -222,6 +222,11 @@ class Trigger(BaseModel):
     window: int = Field(ge=0, description="steps the condition was evaluated over")
 
 
+# A command the trainer has not applied by then is stale (the situation it answered has
+# moved on): the default expiry of every command, whoever sends it.
+COMMAND_TTL_S = 300.0
+
+
 class Command(Message):
     """A corrective command for the trainer."""
 

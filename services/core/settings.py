@@ -13,6 +13,12 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "SMART_TUNER_"
+# Defaults of the diagnostics queue contract (services.core.tasks re-exports them).
+DIAGNOSTICS_QUEUE = "diagnostics"
+# How long an unacked task waits before the broker hands it to another worker: it must
+# exceed the task's hard time limit (services.core.tasks), or healthy tasks run twice.
+VISIBILITY_TIMEOUT_S = 600.0
+DEFAULT_GRAFANA_URL = "http://127.0.0.1:3000"
 
 
 class ConfigError(RuntimeError):
@@ -45,6 +51,22 @@ class Settings(BaseSettings):
     tuner_config: str = Field(
         default="config/tuner.toml", description="policy thresholds, one file"
     )
+    # Prometheus endpoints of the services (unset: not served).
+    trainer_metrics_port: int | None = Field(default=None, ge=1, le=65_535)
+    tuner_metrics_port: int | None = Field(default=None, ge=1, le=65_535)
+    diagnostics_metrics_port: int | None = Field(default=None, ge=1, le=65_535)
+    # The diagnostics task queue: both the sender and the worker read these.
+    diagnostics_queue: str = Field(
+        default=DIAGNOSTICS_QUEUE, pattern=r"^[A-Za-z0-9_.:-]{1,128}$",
+        description="queue of the diagnostics tasks (a test worker gets its own)")
+    diagnostics_visibility_timeout_s: float = Field(
+        default=VISIBILITY_TIMEOUT_S, gt=0,
+        description="seconds before a killed worker's unacked tasks go to another worker")
+    # `smart-tuner grafana push`.
+    grafana_url: str = Field(default=DEFAULT_GRAFANA_URL, pattern=r"^https?://")
+    grafana_user: str | None = Field(default=None, description="basic-auth user")
+    grafana_password: SecretStr | None = None
+    grafana_token: SecretStr | None = Field(default=None, description="service account token")
 
 
 def format_validation_error(error: ValidationError, prefix: str = ENV_PREFIX) -> str:
@@ -56,10 +78,16 @@ def format_validation_error(error: ValidationError, prefix: str = ENV_PREFIX) ->
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """Load settings once per process; raise ConfigError naming each bad field."""
+def load_settings() -> Settings:
+    """Read the settings now (environment and ``.env``); raise ConfigError naming each bad
+    field. For values read once at a service's start, where a test may set them first."""
     try:
         return Settings()
     except ValidationError as error:
         raise ConfigError(format_validation_error(error)) from error
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings, loaded once per process; raise ConfigError naming each bad field."""
+    return load_settings()

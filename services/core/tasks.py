@@ -7,19 +7,20 @@ and never imports worker code, so it needs neither matplotlib nor the worker's s
 from __future__ import annotations
 
 import logging
-import os
 
 import celery
 
-from services.core.settings import ConfigError
+# The defaults are settings; re-exported here, where both sides of the contract look.
+from services.core.settings import DIAGNOSTICS_QUEUE as DIAGNOSTICS_QUEUE
+from services.core.settings import ENV_PREFIX, load_settings
+from services.core.settings import VISIBILITY_TIMEOUT_S as VISIBILITY_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
 SCORE_ALIGNMENT = "diagnostics.score_alignment"  # args: run_id, entry_id of an attention entry
 RENDER_ALIGNMENT = "diagnostics.render_alignment"  # args: run_id, entry_id | None, sample
-DIAGNOSTICS_QUEUE = "diagnostics"
 # Overrides DIAGNOSTICS_QUEUE for both sides, e.g. so that a test worker gets its own queue.
-DIAGNOSTICS_QUEUE_ENV = "SMART_TUNER_DIAGNOSTICS_QUEUE"
+DIAGNOSTICS_QUEUE_ENV = f"{ENV_PREFIX}DIAGNOSTICS_QUEUE"
 SERIALIZER = "json"  # the only content type either side accepts: no pickle from the network
 
 # A task runs for well under a second; the hard limit stops a wedged one, and the Redis
@@ -27,31 +28,22 @@ SERIALIZER = "json"  # the only content type either side accepts: no pickle from
 # the hard limit plus the time a prefetched task may wait, or healthy tasks get run twice.
 TASK_SOFT_TIME_LIMIT_S = 60
 TASK_TIME_LIMIT_S = 120
-VISIBILITY_TIMEOUT_S = 600
 # Also how long the tasks of a worker killed outright (SIGKILL, OOM, a lost node) wait before
 # another worker gets them; set it lower where task times allow. Both sides read it: the
 # worker's broker and the sender's outbox (services.trainer.scoring), which must not resend
 # a task the broker is still bound to redeliver.
-VISIBILITY_TIMEOUT_ENV = "SMART_TUNER_DIAGNOSTICS_VISIBILITY_TIMEOUT_S"
+VISIBILITY_TIMEOUT_ENV = f"{ENV_PREFIX}DIAGNOSTICS_VISIBILITY_TIMEOUT_S"
 
 
 def diagnostics_queue() -> str:
-    """The queue diagnostics tasks go to: ``$SMART_TUNER_DIAGNOSTICS_QUEUE`` or the default."""
-    return os.environ.get(DIAGNOSTICS_QUEUE_ENV) or DIAGNOSTICS_QUEUE
+    """The queue diagnostics tasks go to (setting ``diagnostics_queue``)."""
+    return load_settings().diagnostics_queue
 
 
 def visibility_timeout() -> float:
-    """``$SMART_TUNER_DIAGNOSTICS_VISIBILITY_TIMEOUT_S`` or the default; ConfigError if bad."""
-    value = os.environ.get(VISIBILITY_TIMEOUT_ENV, "").strip()
-    if not value:
-        return VISIBILITY_TIMEOUT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if seconds <= 0:
-        raise ConfigError(f"{VISIBILITY_TIMEOUT_ENV} must be a positive number of seconds, "
-                          f"got {value!r}")
+    """The broker's visibility timeout (setting ``diagnostics_visibility_timeout_s``);
+    ConfigError if bad, a warning if a slow task could run twice."""
+    seconds = load_settings().diagnostics_visibility_timeout_s
     if seconds <= TASK_TIME_LIMIT_S:
         log.warning("%s=%g is below the task time limit (%d s): a slow task may be run "
                     "twice (harmless: reports are published once)", VISIBILITY_TIMEOUT_ENV,

@@ -30,13 +30,13 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prometheus_multiprocess
 
-from services.core.metrics import port_from_env
 from services.core.schemas import AlignmentScores
+from services.core.settings import ENV_PREFIX, load_settings
 
 log = logging.getLogger(__name__)
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-METRICS_PORT_ENV = "SMART_TUNER_DIAGNOSTICS_METRICS_PORT"
+METRICS_PORT_ENV = f"{ENV_PREFIX}DIAGNOSTICS_METRICS_PORT"  # setting diagnostics_metrics_port
 DEFAULT_ADDR = "0.0.0.0"  # all interfaces: Prometheus scrapes from another container
 
 # What became of one score_alignment task (the `status` label of REPORTS).
@@ -148,5 +148,5 @@ def start_metrics_server(port: int, addr: str = DEFAULT_ADDR
 
 
 def metrics_port_from_env() -> int | None:
-    """``$SMART_TUNER_DIAGNOSTICS_METRICS_PORT`` as a port number, None when unset."""
-    return port_from_env(METRICS_PORT_ENV)
+    """The ``diagnostics_metrics_port`` setting (None: not served); ConfigError if bad."""
+    return load_settings().diagnostics_metrics_port

@@ -43,6 +43,7 @@ from services.core.bounds import check_command
 from services.core.indicators import Verdict
 from services.core.runstore import RunStore
 from services.core.schemas import (
+    COMMAND_TTL_S,
     MAX_NOTE_CHARS,
     AlignmentReport,
     Command,
@@ -81,7 +82,6 @@ MUTATING: dict[str, CommandAction] = {
     "rollback": "rollback",
 }
 READING = ("status", "report", "alignment", "sample", "actions", "help", "start")
-COMMAND_TTL_S = 600.0  # a bot command the trainer has not applied in 10 minutes is stale
 DEFAULT_ACTIONS = 5
 MAX_ACTIONS = 20
 STOP_DATA, CANCEL_DATA = "stop", "cancel"  # callback data prefixes of the /stop buttons

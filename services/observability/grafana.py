@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,22 +23,24 @@ from urllib.parse import urljoin, urlsplit
 
 import typer
 
+from services.core.settings import DEFAULT_GRAFANA_URL, ENV_PREFIX, ConfigError, load_settings
+
 if TYPE_CHECKING:
     from grafana_client import GrafanaApi
 
 log = logging.getLogger(__name__)
 
 DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards"
-DEFAULT_URL = "http://127.0.0.1:3000"
 DEFAULT_FOLDER = "Smart Tuner"  # the folder the provisioning file puts them in, too
 DEFAULT_TIMEOUT_S = 10.0
 PUSH_MESSAGE = "smart-tuner grafana push"  # the version note Grafana keeps for each upload
 MAX_ERROR_CHARS = 300  # of an error answer quoted in GrafanaPushError
 
-URL_ENV = "SMART_TUNER_GRAFANA_URL"
-TOKEN_ENV = "SMART_TUNER_GRAFANA_TOKEN"
-USER_ENV = "SMART_TUNER_GRAFANA_USER"
-PASSWORD_ENV = "SMART_TUNER_GRAFANA_PASSWORD"
+# Settings (services.core.settings), named here as a user sets them.
+URL_ENV = f"{ENV_PREFIX}GRAFANA_URL"
+TOKEN_ENV = f"{ENV_PREFIX}GRAFANA_TOKEN"
+USER_ENV = f"{ENV_PREFIX}GRAFANA_USER"
+PASSWORD_ENV = f"{ENV_PREFIX}GRAFANA_PASSWORD"
 
 REQUIRED_KEYS = {"uid": str, "title": str, "panels": list}
 PROMETHEUS_TYPE = "prometheus"
@@ -309,9 +310,10 @@ def _push_all(api: GrafanaApi, dashboards: list[dict[str, Any]], folder: str,
 
 
 def grafana_push(
-    url: Annotated[str, typer.Option(envvar=URL_ENV, help="Grafana's base URL")] = DEFAULT_URL,
+    url: Annotated[str | None, typer.Option(
+        help=f"Grafana's base URL [default: ${URL_ENV} or {DEFAULT_GRAFANA_URL}]")] = None,
     user: Annotated[str | None, typer.Option(
-        envvar=USER_ENV, help=f"basic-auth user (password from ${PASSWORD_ENV}); "
+        help=f"basic-auth user [default: ${USER_ENV}] (password from ${PASSWORD_ENV}); "
         f"leave unset with ${TOKEN_ENV}")] = None,
     folder: Annotated[str, typer.Option(help="folder the dashboards go in")] = DEFAULT_FOLDER,
     directory: Annotated[Path, typer.Option(
@@ -321,14 +323,23 @@ def grafana_push(
 ) -> None:
     """Create or update the Smart Tuner dashboards in a running Grafana.
 
-    Credentials come from the environment: SMART_TUNER_GRAFANA_TOKEN (a service account
-    token), or SMART_TUNER_GRAFANA_USER and SMART_TUNER_GRAFANA_PASSWORD. Prints each
-    dashboard's URL.
+    Credentials are settings (environment or .env): SMART_TUNER_GRAFANA_TOKEN (a service
+    account token), or SMART_TUNER_GRAFANA_USER and SMART_TUNER_GRAFANA_PASSWORD. Prints
+    each dashboard's URL.
     """
     try:
-        urls = push_dashboards(url, token=os.environ.get(TOKEN_ENV) or None, user=user or None,
-                               password=os.environ.get(PASSWORD_ENV) or None, folder=folder,
-                               directory=directory, timeout_s=timeout)
+        settings = load_settings()
+    except ConfigError as error:
+        typer.echo(f"smart-tuner grafana push: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    token, password = settings.grafana_token, settings.grafana_password
+    try:
+        urls = push_dashboards(
+            url or settings.grafana_url,
+            token=token.get_secret_value() if token else None,
+            user=user or settings.grafana_user,
+            password=password.get_secret_value() if password else None,
+            folder=folder, directory=directory, timeout_s=timeout)
     except ValueError as error:
         typer.echo(f"smart-tuner grafana push: {error}", err=True)
         raise typer.Exit(code=2) from None

@@ -220,12 +220,13 @@ def _check_data_before_training(data: Path, out: Path, language: str) -> None:
 
 def _serve_metrics(trainer, link) -> None:
     """Prometheus metrics on $SMART_TUNER_TRAINER_METRICS_PORT (rank 0 only; unset: off)."""
+    from services.core.settings import ConfigError
     from services.trainer.exporter import METRICS_PORT_ENV, metrics_port_from_env, serve_metrics
     from services.trainer.link import process_rank
 
     try:
         port = metrics_port_from_env()
-    except ValueError as error:
+    except ConfigError as error:
         raise typer.BadParameter(str(error), param_hint=METRICS_PORT_ENV) from None
     if port is None or process_rank() != 0:
         return

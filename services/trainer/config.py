@@ -23,6 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.core.bounds import LR_FLOOR
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
@@ -92,7 +94,7 @@ class OptimConfig(_Strict):
 
     # The plan's conservative default. Presets override it only with a measured reason.
     learning_rate: float = Field(1e-4, gt=0, le=1e-1)
-    min_learning_rate: float = Field(1e-5, gt=0)
+    min_learning_rate: float = Field(LR_FLOOR, gt=0)
     warmup_steps: int = Field(1000, ge=0)
     decay_start: int = Field(50_000, ge=0)
     decay_rate: float = Field(0.5, gt=0, le=1)
@@ -196,7 +198,6 @@ def _tiny() -> TrainConfig:
             # aligned after 427 steps. The plan's 1e-4 was a reaction to gradient norms that
             # were an fp16 unscaling artefact; the tuner lowers the LR if norms really misbehave.
             learning_rate=1e-3,
-            min_learning_rate=1e-5,
             warmup_steps=30,
             decay_start=2_000,
             decay_steps=2_000,

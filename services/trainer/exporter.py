@@ -18,14 +18,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from services.core.bus import PublisherStats
 from services.core.indicators import Verdict
-from services.core.metrics import DeadLetterCounter, port_from_env
+from services.core.metrics import DeadLetterCounter
 from services.core.plateau import PlateauClock
+from services.core.settings import ENV_PREFIX, load_settings
 from services.trainer.probes import ProbeSummary
 from services.trainer.training import StepMetrics, Trainer, TrainingObserver
 
 log = logging.getLogger(__name__)
 
-METRICS_PORT_ENV = "SMART_TUNER_TRAINER_METRICS_PORT"
+METRICS_PORT_ENV = f"{ENV_PREFIX}TRAINER_METRICS_PORT"  # setting trainer_metrics_port
 DEFAULT_ADDR = "0.0.0.0"  # all interfaces: Prometheus scrapes from another container
 LOSS_PARTS = ("loss", "objective", "mel", "mel_postnet", "gate", "guided_attention")
 # From a fraction of a second (tiny model, GPU) to a minute (base model, CPU).
@@ -196,8 +197,8 @@ class PrometheusObserver(TrainingObserver):
 
 
 def metrics_port_from_env() -> int | None:
-    """``$SMART_TUNER_TRAINER_METRICS_PORT`` as a port, None when unset; ValueError if bad."""
-    return port_from_env(METRICS_PORT_ENV)
+    """The ``trainer_metrics_port`` setting (None: not served); ConfigError if bad."""
+    return load_settings().trainer_metrics_port
 
 
 def serve_metrics(trainer: Trainer, port: int, addr: str = DEFAULT_ADDR,

@@ -51,6 +51,7 @@ from services.core.indicators import Verdict
 from services.core.logging import setup_logging
 from services.core.runstore import RunStore, RunSummary, StreamCounts
 from services.core.schemas import (
+    COMMAND_TTL_S,
     MAX_NOTE_CHARS,
     Ack,
     ActionRecord,
@@ -133,9 +134,10 @@ class CommandRequest(BaseModel):
         default=None, description="required by set_* actions, refused by the others")
     reason_text: str = Field(default="", max_length=MAX_NOTE_CHARS,
                              description="why; recorded as the command's note")
-    expires_in_s: float | None = Field(
-        default=None, gt=0, le=MAX_EXPIRES_IN_S,
-        description="the trainer drops the command if it has not applied it by then")
+    expires_in_s: float = Field(
+        default=COMMAND_TTL_S, gt=0, le=MAX_EXPIRES_IN_S,
+        description="the trainer drops the command if it has not applied it by then (the "
+                    "default is every command's: the bot's and the tuner's too)")
 
 
 class CommandAccepted(BaseModel):
@@ -417,7 +419,7 @@ def post_command(run_id: RunIdPath, body: CommandRequest, request: Request, resp
     if not store.exists(run_id):
         refuse(request, "unknown_run", f"unknown run {run_id!r}")
         raise HTTPException(404, detail=f"unknown run {run_id!r}")
-    expires_at = None if body.expires_in_s is None else time.time() + body.expires_in_s
+    expires_at = time.time() + body.expires_in_s
     try:
         command = Command(run_id=run_id, action=body.action, value=body.value, source="api",
                           requested_by=REQUESTED_BY, note=body.reason_text,

@@ -15,11 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from services.core import bounds as command_bounds
 from services.core import indicators, plateau
+from services.core.schemas import COMMAND_TTL_S
 from services.core.settings import ConfigError
-
-# docs/plan.md, plan 2.1: "diagonality < 0.3 -> CRITICAL: poor attention alignment". Not a red flag
-# of the plan's list, so it lives here rather than in services.core.indicators.
-DIAGONALITY_LOW = 0.3
 
 
 class TunerConfigError(ConfigError):
@@ -55,7 +52,7 @@ class GradNormRule(_Section):
 class AlignmentRule(_Section):
     """Poor alignment after warm-up: raise the guided attention weight; red flag below 0.1."""
 
-    low: float = Field(DIAGONALITY_LOW, gt=0, le=1)
+    low: float = Field(indicators.DIAGONALITY_WEAK, gt=0, le=1)
     min_reports: int = Field(2, ge=1, description="consecutive reports below `low` to act")
     ga_factor: float = Field(1.5, gt=1)
     cooldown_steps: int = Field(300, ge=1)
@@ -131,8 +128,9 @@ class InferenceRule(_Section):
 class Bounds(_Section):
     """What the tuner may command: within the trainer's own bounds (services.core.bounds)."""
 
-    lr_min: float = Field(1e-5, gt=0, description="the tuner's LR floor (the trainer's "
-                          "min_learning_rate default); the trainer would accept lower")
+    lr_min: float = Field(command_bounds.LR_FLOOR, gt=0, description="the tuner's LR floor "
+                          "(the trainer's min_learning_rate default); the trainer would "
+                          "accept lower")
     lr_max: float = Field(command_bounds.LR_MAX, gt=0)
     ga_weight_min: float = Field(0.05, ge=0, description="annealing floor; also the weight a "
                                  "raise starts from when the weight is 0")
@@ -164,7 +162,8 @@ class ServiceConfig(_Section):
 
     metrics_window: int = Field(200, ge=1, description="metrics kept per run")
     reports_window: int = Field(16, ge=1, description="alignment reports kept per run")
-    command_ttl_s: float = Field(300.0, gt=0, description="a command expires after this")
+    command_ttl_s: float = Field(COMMAND_TTL_S, gt=0,
+                                 description="a command expires after this")
     ack_grace_s: float = Field(60.0, ge=0, description="after expiry + grace an unacked "
                                "command stops blocking its rule")
     measure_after_steps: int = Field(100, ge=1, description="effect measured N steps after "

@@ -6,11 +6,12 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from services.core.metrics import DeadLetterCounter, port_from_env
+from services.core.metrics import DeadLetterCounter
+from services.core.settings import ENV_PREFIX, load_settings
 
 log = logging.getLogger(__name__)
 
-METRICS_PORT_ENV = "SMART_TUNER_TUNER_METRICS_PORT"
+METRICS_PORT_ENV = f"{ENV_PREFIX}TUNER_METRICS_PORT"  # setting tuner_metrics_port
 DEFAULT_ADDR = "0.0.0.0"  # all interfaces: Prometheus scrapes from another container
 EVENT_ACTION = "event"  # the `action` label of a decision that is an event, not a command
 DEAD_LETTER_CONSUMER = "tuner"
@@ -37,8 +38,8 @@ class TunerMetrics:
 
 
 def metrics_port_from_env() -> int | None:
-    """``$SMART_TUNER_TUNER_METRICS_PORT`` as a port, None when unset; ValueError if bad."""
-    return port_from_env(METRICS_PORT_ENV)
+    """The ``tuner_metrics_port`` setting (None: not served); ConfigError if bad."""
+    return load_settings().tuner_metrics_port
 
 
 def serve(metrics: TunerMetrics, port: int, addr: str = DEFAULT_ADDR) -> int:

@@ -445,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         signal.signal(signum, lambda *_: stop.set())
     try:
         port = metrics_port_from_env()
-    except ValueError as error:
+    except ConfigError as error:
         print(f"tuner: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     metrics = TunerMetrics()

@@ -13,13 +13,12 @@ that is neither newer in step nor in time than what was seen is a replay, not a 
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.core.indicators import Verdict
-from services.core.plateau import is_improvement
+from services.core.plateau import PlateauClock
 from services.core.schemas import (
     Ack,
     AlignmentReport,
@@ -93,6 +92,12 @@ class RunWindow:
         self.gate_weight: float | None = None
         # Inference probe passes (the sixth indicator), oldest first.
         self.probes: deque[ProbeReport] = deque(maxlen=PROBES_KEPT)
+        # The plateau rule's clock: the trainer's steps_since_loss_improved rule, the same
+        # object; its best survives a restart in the memory.
+        self.plateau = PlateauClock(config.plateau.smoothing,
+                                    config.plateau.min_rel_improvement)
+        self.plateau.best, self.plateau.best_step = (self.memory.best_objective,
+                                                     self.memory.best_step)
         # The trainer's newest verdict on the indicators: the tuner shows it, never recomputes.
         self.verdict: Verdict | None = None
         self._verdict_ts = 0.0
@@ -128,14 +133,7 @@ class RunWindow:
 
     def smoothed_objective(self) -> float | None:
         """Mean objective of the last ``plateau.smoothing`` finite steps (None until full)."""
-        wanted = self.config.plateau.smoothing
-        values: list[float] = []
-        for message in reversed(self.metrics):
-            if math.isfinite(message.objective):
-                values.append(message.objective)
-                if len(values) == wanted:
-                    return sum(values) / wanted
-        return None
+        return self.plateau.mean
 
     def cooling_down(self, rule: str, cooldown_steps: int) -> bool:
         """True while ``rule`` fired fewer than ``cooldown_steps`` trained steps ago."""
@@ -164,6 +162,8 @@ class RunWindow:
                 if not self.metrics or message.step > self.metrics[-1].step:
                     self.metrics.append(message)
                     self._take_settings(message)
+                    self.plateau.observe(message.step, message.objective)
+                    self._keep_best()
                 return
             self._rewind(message.step)
         self.metrics.append(message)
@@ -171,7 +171,8 @@ class RunWindow:
         memory.latest_ts = message.ts
         memory.ended = False
         self._take_settings(message)
-        self._track_best(message.step)
+        self.plateau.observe(message.step, message.objective)
+        self._keep_best()
 
     def _take_settings(self, message: MetricsMessage) -> None:
         self.lr = message.lr
@@ -196,18 +197,13 @@ class RunWindow:
         if self.verdict is not None and self.verdict.step >= step:
             self.verdict = None  # judged weights the trainer no longer has
         # The plateau clock starts over: the weights are those of an earlier step.
-        memory.best_objective = None
-        memory.best_step = None
+        self.plateau.restart()
+        self._keep_best()
 
-    def _track_best(self, step: int) -> None:
-        smoothed = self.smoothed_objective()
-        if smoothed is None:
-            return
-        memory = self.memory
-        if is_improvement(memory.best_objective, smoothed,
-                          self.config.plateau.min_rel_improvement):
-            memory.best_objective = smoothed
-            memory.best_step = step
+    def _keep_best(self) -> None:
+        """The plateau clock's best goes in the memory, so a restarted tuner keeps it."""
+        self.memory.best_objective = self.plateau.best
+        self.memory.best_step = self.plateau.best_step
 
     def observe_report(self, report: AlignmentReport) -> None:
         """Take one alignment report; reports may arrive late or twice, order is by step."""
