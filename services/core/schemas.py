@@ -62,12 +62,16 @@ class MetricsMessage(Message):
 
     kind: Literal["metrics"] = "metrics"
     step: int = Field(ge=0)
-    loss: FiniteOrNot
+    loss: FiniteOrNot = Field(description="what is back-propagated: mel + postnet mel + gate "
+                              "+ guided attention weight x guided attention")
     mel: FiniteOrNot
     mel_postnet: FiniteOrNot
     gate: FiniteOrNot
     guided_attention: FiniteOrNot
-    objective: FiniteOrNot
+    objective: FiniteOrNot = Field(description="mel + postnet mel + gate: the model's loss "
+                                   "without the auxiliary attention term, the one held to "
+                                   "the plan's 'loss < 1' (a command to the guided attention "
+                                   "weight cannot move it)")
     grad_norm: FiniteOrNot = Field(description="global L2 norm before clipping, unscaled")
     lr: float = Field(ge=0)
     guided_attention_weight: float = Field(ge=0)

@@ -81,7 +81,6 @@ MUTATING: dict[str, CommandAction] = {
     "ga": "set_guided_attention_weight", "gate": "set_gate_positive_weight",
     "rollback": "rollback",
 }
-READING = ("status", "report", "alignment", "sample", "actions", "help", "start")
 DEFAULT_ACTIONS = 5
 MAX_ACTIONS = 20
 STOP_DATA, CANCEL_DATA = "stop", "cancel"  # callback data prefixes of the /stop buttons

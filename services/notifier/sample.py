@@ -17,7 +17,6 @@ from services.core.streams import validate_run_id
 
 CHECKPOINT_DIR = "checkpoints"  # as the trainer lays out a run (training.CHECKPOINT_DIR)
 AUDIO_FORMAT = "MP3"
-AUDIO_MIME = "audio/mpeg"
 AUDIO_SUFFIX = ".mp3"
 
 

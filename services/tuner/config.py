@@ -125,7 +125,7 @@ class InferenceRule(_Section):
     cooldown_steps: int = Field(200, ge=1)
 
 
-class Bounds(_Section):
+class TunerBounds(_Section):
     """What the tuner may command: within the trainer's own bounds (services.core.bounds)."""
 
     lr_min: float = Field(command_bounds.LR_FLOOR, gt=0, description="the tuner's LR floor "
@@ -139,7 +139,7 @@ class Bounds(_Section):
                                    "weight's raises (more makes the gate fire early)")
 
     @model_validator(mode="after")
-    def _check(self) -> Bounds:
+    def _check(self) -> TunerBounds:
         if self.lr_min >= self.lr_max:
             raise ValueError("lr_min must be below lr_max")
         if self.ga_weight_min >= self.ga_weight_max:
@@ -188,7 +188,7 @@ class TunerConfig(_Section):
     restarts: RestartsRule = Field(default_factory=RestartsRule)
     anneal: AnnealRule = Field(default_factory=AnnealRule)
     inference: InferenceRule = Field(default_factory=InferenceRule)
-    bounds: Bounds = Field(default_factory=Bounds)
+    bounds: TunerBounds = Field(default_factory=TunerBounds)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
 
     @model_validator(mode="after")
