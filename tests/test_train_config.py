@@ -218,3 +218,14 @@ def test_the_passed_arguments_parse_back_to_the_same_values(tmp_path: Path) -> N
     ctx = command.make_context("train", ["--data", "d", "--out", "o",
                                          *launcher_cli.train_args(values)])
     assert {name: ctx.params[name] for name in values} == values
+
+
+def test_up_runs_the_tuner_unless_told_not_to(started: list[dict[str, Any]],
+                                              tmp_path: Path) -> None:
+    """`--no-tuner` (the rescue benchmark's control arm) reaches the launcher; the tuner is
+    on by default."""
+    runner = CliRunner()
+    for flags, expected in (([], True), (["--no-tuner"], False), (["--tuner"], True)):
+        result = runner.invoke(app, ["up", "--out", str(tmp_path / "run"), *flags])
+        assert result.exit_code == 0, result.output
+        assert started[-1]["tuner"] is expected

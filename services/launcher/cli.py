@@ -110,6 +110,9 @@ def up(
     observability: Annotated[bool, typer.Option(
         help="also run Prometheus (alert rules) and Alertmanager; services serve metrics "
              "on the ports of docs/observability.md")] = False,
+    tuner: Annotated[bool, typer.Option(
+        help="run the tuner's policy loop (--no-tuner: the run goes uncorrected, e.g. to "
+             "compare)")] = True,
     **train_options: Any,
 ) -> None:
     """Start Redis (if needed), diagnostics, tuner, control API and a supervised trainer.
@@ -131,7 +134,7 @@ def up(
     run = run_id or re.sub(r"[^A-Za-z0-9_.-]", "-", out.resolve().name).strip("-.") or "run"
     code = run_up(data, out, run, api_port=api_port, worker_concurrency=workers,
                   train_args=train_args(train_options), redis_url=get_settings().redis_url,
-                  notifier=notifier, observability=observability)
+                  notifier=notifier, observability=observability, tuner=tuner)
     raise typer.Exit(code=code)
 
 

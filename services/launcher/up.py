@@ -140,7 +140,7 @@ def trainer_command(python: str, data: Path, out: Path, run_id: str,
 def up(data: Path, out: Path, run_id: str, api_port: int = 8000,
        worker_concurrency: int = 1, train_args: Sequence[str] = (),
        redis_url: str | None = None, notifier: bool = False,
-       observability: bool = False) -> int:
+       observability: bool = False, tuner: bool = True) -> int:
     """Run everything until the trainer finishes, gives up, or Ctrl-C; returns its exit code.
 
     ``train_args``: ``train`` options for the trainer (the preset among them), see
@@ -148,6 +148,8 @@ def up(data: Path, out: Path, run_id: str, api_port: int = 8000,
     ``notifier``: also start the Telegram notifier (check ``notifier_configured`` first).
     ``observability``: every service serves metrics, and Prometheus (the project's alert
     rules) and Alertmanager (to the notifier) run beside them.
+    ``tuner``: False runs everything but the tuner's policy loop (the control API stays):
+    the run trains as it would without the tuner, for a comparison.
     """
     python = sys.executable
     workdir = Path(tempfile.mkdtemp(prefix="smart-tuner-up-"))
@@ -173,7 +175,11 @@ def up(data: Path, out: Path, run_id: str, api_port: int = 8000,
         launcher.spawn("diagnostics worker", [
             python, "-m", "celery", "-A", "services.diagnostics.celery_app", "worker",
             "--concurrency", str(worker_concurrency), "--loglevel", "WARNING"], worker_env)
-        launcher.spawn("tuner", [python, "-m", "services.tuner.service"])
+        if tuner:
+            # Only this run: another `up` on the same Redis keeps its own tuner (or none).
+            launcher.spawn("tuner", [python, "-m", "services.tuner.service", "--run", run_id])
+        else:
+            log.info("tuner off (--no-tuner): nothing will correct the run")
         if notifier:
             # The notifier speaks with the checkpoints of this run's own directory.
             env.setdefault("SMART_TUNER_NOTIFIER_RUNS_DIR", str(out))

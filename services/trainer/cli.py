@@ -136,7 +136,7 @@ def train(
 
     from services.trainer import distributed
     from services.trainer.config import flag_overrides, load_train_config, record_config_file
-    from services.trainer.faults import FaultPlan
+    from services.trainer.faults import FaultPlan, GuidedAttentionRemoval
     from services.trainer.training import Trainer
     from services.trainer.warm_start import WarmStartError, parse_ignore_layers
 
@@ -169,6 +169,8 @@ def train(
                               ignore_layers=parse_ignore_layers(ignore_layers))
         except WarmStartError as error:
             raise typer.BadParameter(str(error), param_hint="--warm-start") from None
+        if fault is not None and fault.kind == "ga_off":
+            trainer.controllers.append(GuidedAttentionRemoval(fault))
         if config is not None and placement.is_main:
             record_config_file(config, out)  # as written; config.json is the resolved one
         _stop_on_signals(trainer, SIGNAL_ECHO_S if placement.distributed else 0.0)

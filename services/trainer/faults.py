@@ -4,17 +4,21 @@
 the pre-clip gradient norm) for 30 steps from step 20; ``nan_grad`` makes the gradients
 non-finite while the loss stays finite; ``nan_loss`` makes the loss NaN; ``crash`` kills
 the process at ``start`` without any clean-up, as a segfault or an OOM kill would.
+``every=N`` repeats the fault every N steps from ``start`` (``steps`` each time), as fp16
+overflow bursts do. ``ga_off`` sets the guided attention weight to 0 at ``start`` (through
+the trainer's own setter, as a person or a schedule would), so an alignment that formed
+with its help may collapse.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-FaultKind = Literal["grad_spike", "nan_grad", "nan_loss", "crash"]
+FaultKind = Literal["grad_spike", "nan_grad", "nan_loss", "crash", "ga_off"]
 CRASH_EXIT_CODE = 70
 
 
@@ -27,10 +31,16 @@ class FaultPlan(BaseModel):
     start: int = Field(0, ge=0)
     steps: int = Field(1, ge=1)
     factor: float = Field(1000.0, gt=0)
+    every: int | None = Field(None, ge=1, description="repeat every N steps from start")
 
     def active(self, step: int) -> bool:
         """Whether the fault applies at optimizer step ``step``."""
-        return self.start <= step < self.start + self.steps
+        if step < self.start:
+            return False
+        offset = step - self.start
+        if self.every is not None:
+            offset %= self.every
+        return offset < self.steps
 
     @classmethod
     def parse(cls, spec: str) -> FaultPlan:
@@ -53,7 +63,7 @@ class FaultPlan(BaseModel):
 def inject(plan: FaultPlan | None, step: int, loss: torch.Tensor, mel: torch.Tensor
            ) -> torch.Tensor:
     """Return the loss to back-propagate at ``step``, with the planned fault applied."""
-    if plan is None or not plan.active(step):
+    if plan is None or plan.kind == "ga_off" or not plan.active(step):
         return loss
     if plan.kind == "crash":
         os._exit(CRASH_EXIT_CODE)
@@ -65,3 +75,19 @@ def inject(plan: FaultPlan | None, step: int, loss: torch.Tensor, mel: torch.Ten
     if mel.requires_grad:
         mel.register_hook(lambda grad: torch.full_like(grad, float("nan")))
     return loss
+
+
+class GuidedAttentionRemoval:
+    """The ``ga_off`` fault as a training controller: at the plan's start step it sets the
+    guided attention weight to 0 once, through the trainer's setter (so the metrics, the
+    overrides and the tuner all see the change, as they would a person's)."""
+
+    def __init__(self, plan: FaultPlan) -> None:
+        self.plan = plan
+        self.done = False
+
+    def before_step(self, trainer: Any) -> None:
+        """Remove the guided attention term once the run reaches the plan's start."""
+        if not self.done and trainer.step >= self.plan.start:
+            trainer.set_guided_attention_weight(0.0, source="fault")
+            self.done = True
