@@ -506,12 +506,47 @@ def test_alignment_raise_is_capped_and_starts_from_zero() -> None:
         capped.run(config.alignment.cooldown_steps)
         capped.report(0.2)
     assert len(capped.commands) == 1  # at the cap: nothing more to give
+
+
+
+def test_guided_attention_off_escalates_to_a_weight_that_aligns_early() -> None:
+    """Behaviour changed on purpose (issue 12): a run with guided attention off used to get
+    ga_weight_min (0.05) after the 300-step warm-up, then +50 % per cooldown; now a weight
+    below rescue_weight jumps to it, from early_steps when the alignment has not moved."""
+    config = TunerConfig()
+    cfg = config.alignment
     zero = Sim(config, ga=0.0)
-    zero.run(config.warmup_steps + 1)
-    zero.report(0.2)
+    zero.run(cfg.early_steps - 10)
+    zero.report(0.05)
     zero.metric()
-    zero.report(0.2)
-    assert [d.value for d in zero.commands] == [config.bounds.ga_weight_min]
+    zero.report(0.05)
+    assert zero.commands == []  # before early_steps nothing, flat or not
+    zero.run(10)
+    zero.report(0.06)
+    zero.metric()
+    fired = zero.report(0.06)
+    [raised] = only(fired, RULE_ALIGNMENT, "set_guided_attention_weight")
+    assert raised.value == cfg.rescue_weight and zero.step < config.warmup_steps
+    # Moving (but still poor) alignment below the rescue weight waits for the warm-up...
+    moving = Sim(config, ga=0.2)
+    moving.run(cfg.early_steps + 10)
+    moving.report(0.05)
+    moving.metric()
+    moving.report(0.15)
+    assert moving.commands == []
+    moving.run(config.warmup_steps)
+    moving.report(0.2)
+    moving.metric()
+    moving.report(0.25)
+    # ...then still jumps to the rescue weight, not 0.2 x 1.5.
+    assert [d.value for d in moving.commands] == [cfg.rescue_weight]
+    # A run at the rescue weight already (the healthy presets) never acts before warm-up.
+    healthy = Sim(config, ga=cfg.rescue_weight)
+    healthy.run(cfg.early_steps + 10)
+    healthy.report(0.05)
+    healthy.metric()
+    healthy.report(0.05)
+    assert healthy.commands == []
 
 
 def test_alignment_red_flag_latch_and_hysteresis() -> None:

@@ -30,6 +30,9 @@ GATE_POS_WEIGHT_MAX = 100.0
 # Tacotron2 learns too slowly to matter, so a plateau there stops the run instead. Commands
 # from a person may still go down to LR_MIN.
 LR_FLOOR = 1e-5
+# The guided attention weight the presets train with: known to align them (bench/alignment.py
+# measured ~100 steps on the demo corpus). The tuner jumps to it from a weight below it.
+GA_WEIGHT_ALIGNS = 1.0
 
 
 @dataclass(frozen=True)

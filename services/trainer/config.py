@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from services.core.bounds import LR_FLOOR
+from services.core.bounds import GA_WEIGHT_ALIGNS, LR_FLOOR
 
 
 class _Strict(BaseModel):
@@ -109,7 +109,7 @@ class OptimConfig(_Strict):
     adaptive_clip_percentile: float = Field(10.0, gt=0, le=100)
     adaptive_clip_history: int = Field(1000, ge=10)
 
-    guided_attention_weight: float = Field(1.0, ge=0)
+    guided_attention_weight: float = Field(GA_WEIGHT_ALIGNS, ge=0)
     guided_attention_sigma: float = Field(0.2, gt=0)
     guided_attention_decay_start: int = Field(10_000, ge=0)
     guided_attention_decay_rate: float = Field(0.5, gt=0, le=1)

@@ -50,11 +50,23 @@ class GradNormRule(_Section):
 
 
 class AlignmentRule(_Section):
-    """Poor alignment after warm-up: raise the guided attention weight; red flag below 0.1."""
+    """Poor alignment after warm-up: raise the guided attention weight; red flag below 0.1.
+
+    A weight below ``rescue_weight`` (guided attention off, or too weak) jumps straight to
+    it instead of creeping up by ``ga_factor``; and such a run does not wait for the whole
+    warm-up when its alignment has not moved at all: from ``early_steps`` on, reports that
+    are all below ``low`` and within ``flat_delta`` of each other are enough.
+    """
 
     low: float = Field(indicators.DIAGONALITY_WEAK, gt=0, le=1)
     min_reports: int = Field(2, ge=1, description="consecutive reports below `low` to act")
     ga_factor: float = Field(1.5, gt=1)
+    rescue_weight: float = Field(command_bounds.GA_WEIGHT_ALIGNS, gt=0, description="a "
+                                 "weight known to align the presets; a lower one jumps here")
+    early_steps: int = Field(100, ge=0, description="a run below rescue_weight whose "
+                             "alignment has not moved is acted on from this step")
+    flat_delta: float = Field(0.02, gt=0, lt=1, description="'not moved': the diagonality "
+                              "of the reports spans less than this")
     cooldown_steps: int = Field(300, ge=1)
     red_flag: float = Field(indicators.DIAGONALITY_RED_FLAG, ge=0, lt=1)
     recover_above: float = Field(0.2, gt=0, le=1, description="hysteresis level of the red "

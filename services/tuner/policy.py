@@ -306,23 +306,35 @@ def _plateau(b: _Builder) -> list[Decision]:
 
 
 def _alignment(b: _Builder) -> list[Decision]:
-    """Diagonality below ``low`` on the last reports after warm-up: raise the GA weight."""
+    """Diagonality below ``low`` on the last reports after warm-up: raise the GA weight.
+
+    A weight below ``rescue_weight`` jumps to it, and is acted on from ``early_steps`` when
+    the alignment has not moved at all (a run with guided attention off would otherwise need
+    thousands of steps of small raises)."""
     cfg = b.config.alignment
     window = b.window
     weight = window.ga_weight
     cap = b.config.bounds.ga_weight_max
-    if not window.warmed_up or weight is None or weight >= cap:
+    if weight is None or weight >= cap:
         return []
     reports = window.last_reports(cfg.min_reports)
+    if len(reports) < cfg.min_reports:
+        return []
+    values = [r.scores.diagonality for r in reports]
+    stuck = weight < cfg.rescue_weight and max(values) - min(values) < cfg.flat_delta
+    start = min(cfg.early_steps, b.config.warmup_steps) if stuck else b.config.warmup_steps
     since = window.memory.last_fired.get(RULE_ALIGNMENT, -1)
-    if len(reports) < cfg.min_reports or not all(
-            r.step >= b.config.warmup_steps and r.step > since and r.scores.diagonality < cfg.low
+    if window.step < start or not all(
+            r.step >= start and r.step > since and r.scores.diagonality < cfg.low
             for r in reports):
         return []
     if not b.can_command(RULE_ALIGNMENT, ("set_guided_attention_weight",),
                          cfg.cooldown_steps):
         return []
-    new = min(cap, max(weight * cfg.ga_factor, b.config.bounds.ga_weight_min))
+    if weight < cfg.rescue_weight:
+        new = min(cap, cfg.rescue_weight)  # escalate: a weight known to align, at once
+    else:
+        new = min(cap, max(weight * cfg.ga_factor, b.config.bounds.ga_weight_min))
     if new <= weight:
         return []
     latest = reports[-1].scores.diagonality
