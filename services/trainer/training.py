@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -48,17 +48,10 @@ from services.trainer.checkpoints import (
     restore_rng_state,
 )
 from services.trainer.config import TrainConfig
-from services.trainer.dataset import (
-    Batch,
-    LengthBucketSampler,
-    TextMelCollate,
-    TTSDataset,
-    prepare_features,
-    read_metadata,
-    split_train_val,
-)
+from services.trainer.dataset import Batch
 from services.trainer.engine import EvalResult, StepEngine, StepMetrics
 from services.trainer.faults import FaultPlan
+from services.trainer.feed import Feed
 from services.trainer.lockstep import (
     PAUSE_POLL_S,
     ControlState,
@@ -69,8 +62,6 @@ from services.trainer.model import Tacotron2, count_parameters
 from services.trainer.probes import (
     ProbeRunner,
     ProbeSummary,
-    corpus_languages,
-    frames_per_symbol,
     probes_for,
 )
 from services.trainer.run_folder import (
@@ -133,6 +124,29 @@ class TrainingController(Protocol):
     """Polled between steps (and while paused); may call the trainer's setters."""
 
     def before_step(self, trainer: Trainer) -> None: ...
+
+
+class delegate:  # noqa: N801 - used like ``property``
+    """A trainer attribute that lives on one of its parts, read and written there.
+
+    The trainer's parts (feed, checkpointing, probing...) own their state; the names that
+    commands, tests and tools reach through the trainer keep working through these.
+    """
+
+    def __init__(self, part: str, name: str | None = None):
+        self.part = part
+        self.name = name or ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = self.name or name
+
+    def __get__(self, trainer: Any, owner: type | None = None) -> Any:
+        if trainer is None:
+            return self
+        return getattr(getattr(trainer, self.part), self.name)
+
+    def __set__(self, trainer: Any, value: Any) -> None:
+        setattr(getattr(trainer, self.part), self.name, value)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -205,8 +219,8 @@ class Trainer:
         self.cfg.model.n_symbols = text_frontend.N_SYMBOLS
 
         self._set_seed(cfg.run.seed)
-        distributed.in_turns(self.dist,
-                             lambda: self._prepare_data(cache_dir or self.data_dir / ".features"))
+        self.feed = Feed(cfg, self.data_dir, cache_dir or self.data_dir / ".features", self.dist,
+                         progress=self.progress)
         model = Tacotron2(cfg.model, cfg.audio.n_mels).to(self.device)
         self.probes = self._make_probe_runner() if self.is_main else None
         self.last_probes: ProbeSummary | None = None
@@ -220,8 +234,6 @@ class Trainer:
         self.control = make_control(self.dist)
 
         self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
         self.skipped_steps = 0
         self.last_step_seconds = 0.0
         self.overrides: list[dict[str, Any]] = []
@@ -254,6 +266,15 @@ class Trainer:
         log.info("model: %s parameters, device %s, run %s", f"{count_parameters(self.model):,}",
                  self.device, self.run_state.run_id)
 
+    # The feed's data and position under the names tests and tools know.
+    store = delegate("feed")
+    train_set = delegate("feed")
+    val_batch = delegate("feed")
+    languages = delegate("feed")
+    frames_per_symbol = delegate("feed")
+    epoch = delegate("feed")
+    batch_in_epoch = delegate("feed")
+
     @property
     def gate_positive_weight(self) -> float:
         """The stop token's positive weight in the gate loss (the engine's)."""
@@ -278,38 +299,6 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-
-    def _prepare_data(self, cache_dir: Path) -> None:
-        utterances = read_metadata(self.data_dir)
-        if len(utterances) <= self.cfg.run.val_size:
-            raise ValueError(f"{self.data_dir}: {len(utterances)} utterances; need more than "
-                             f"val_size={self.cfg.run.val_size}")
-        self.store = prepare_features(utterances, self.cfg.audio, cache_dir,
-                                      progress=self.progress)  # rank 0 first: in_turns
-        train, val = split_train_val(utterances, self.cfg.run.val_size, self.cfg.run.seed)
-        # Each text is normalised once, by the datasets; the characters it loses are
-        # collected on the way and reported together.
-        unknown: Counter[str] = Counter()
-
-        def encode(text: str) -> list[int]:
-            encoded = text_frontend.text_to_sequence(text, self.cfg.text.language,
-                                                     stress=self.cfg.text.stress == "keep")
-            unknown.update(encoded.unknown)
-            return encoded.ids
-
-        self.train_set = TTSDataset(train, self.store, encode)
-        self.collate = TextMelCollate(self.cfg.model.n_frames_per_step)
-        self.sampler = LengthBucketSampler(self.train_set.mel_lengths, self.cfg.run.batch_size,
-                                           self.cfg.run.seed)
-        val_set = TTSDataset(val, self.store, encode)
-        self.val_batch = self.collate([val_set[i] for i in range(len(val_set))])
-        if unknown:
-            listed = ", ".join(f"{c!r}×{n}" for c, n in unknown.most_common())
-            log.warning("characters outside the symbol table were removed: %s", listed)
-        # What the probes need to judge inference: the corpus's languages and speaking rate.
-        self.languages = corpus_languages([u.text for u in train])
-        self.frames_per_symbol = frames_per_symbol(self.train_set.mel_lengths,
-                                                   self.train_set.text_lengths)
 
     def _make_probe_runner(self) -> ProbeRunner | None:
         settings = self.cfg.probes
@@ -359,8 +348,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
+            **self.feed.state_dict(),
             "skipped_steps": self.skipped_steps,
             **self.engine.state_dict(),
             "rng": capture_rng_state(),
@@ -387,8 +375,7 @@ class Trainer:
                 "weight and extends the embedding")
         self.engine.load_state_dict(state)
         self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.feed.load_state_dict(state)
         self.skipped_steps = int(state["skipped_steps"])
         self.overrides = list(state["overrides"])
         self.recent_norms.clear()
@@ -634,28 +621,8 @@ class Trainer:
         return result
 
     def _batches(self) -> Iterator[Batch]:
-        """Endless batches; resumes inside an epoch exactly where the checkpoint left off.
-
-        Distributed, each rank reads its own shard of every epoch's batches: the same
-        number of batches on every rank, disjoint, together the whole epoch.
-        """
-        while True:
-            epoch = self.epoch
-            self.sampler.set_epoch(epoch)
-            batches = list(self.sampler)
-            if self.dist.distributed:
-                batches = distributed.shard_batches(batches, self.dist.rank,
-                                                    self.dist.world_size)
-            # A rollback between two batches may restore another epoch (and its position):
-            # then that epoch's order is rebuilt, exactly as a resume would.
-            while self.epoch == epoch:
-                if self.batch_in_epoch >= len(batches):
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                    break
-                indices = batches[self.batch_in_epoch]
-                self.batch_in_epoch += 1
-                yield self.collate([self.train_set[i] for i in indices])
+        """The feed's endless batches (services/trainer/feed.py), from where it stands."""
+        return self.feed.batches()
 
     # ---------------------------------------------------------------- the verdict
 
