@@ -755,6 +755,18 @@ def test_a_gate_that_never_fires_gets_a_heavier_positive_weight() -> None:
     assert effect.after == 95.0 and effect.recovered
 
 
+def test_a_gate_weight_far_too_low_jumps_to_one_that_stops_after_one_pass() -> None:
+    """Behaviour changed on purpose (issue 12): below the presets' weight one failing pass
+    is enough, and the weight jumps there instead of doubling pass by pass."""
+    config = TunerConfig()
+    sim = Sim(config, gate=1.0)
+    sim.run(400)
+    sim.report(0.9)
+    (raised,) = only(sim.probes(0.0, never_fired=12), RULE_INFERENCE,
+                     "set_gate_positive_weight")
+    assert raised.value == config.inference.rescue_weight
+
+
 def test_inference_rule_leaves_unaligned_runs_and_early_stops_alone() -> None:
     unaligned = Sim(gate=5.0)
     unaligned.run(400)

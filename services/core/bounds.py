@@ -33,6 +33,8 @@ LR_FLOOR = 1e-5
 # The guided attention weight the presets train with: known to align them (bench/alignment.py
 # measured ~100 steps on the demo corpus). The tuner jumps to it from a weight below it.
 GA_WEIGHT_ALIGNS = 1.0
+# The stop token's positive weight the presets train with: their probes stop with it.
+GATE_WEIGHT_STOPS = 5.0
 
 
 @dataclass(frozen=True)

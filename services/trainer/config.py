@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from services.core.bounds import GA_WEIGHT_ALIGNS, LR_FLOOR
+from services.core.bounds import GA_WEIGHT_ALIGNS, GATE_WEIGHT_STOPS, LR_FLOOR
 
 
 class _Strict(BaseModel):
@@ -116,7 +116,7 @@ class OptimConfig(_Strict):
     guided_attention_decay_steps: int = Field(10_000, gt=0)
     guided_attention_min_weight: float = Field(0.0, ge=0)
 
-    gate_positive_weight: float = Field(5.0, gt=0)
+    gate_positive_weight: float = Field(GATE_WEIGHT_STOPS, gt=0)
     amp: bool = Field(False, description="fp16 autocast + GradScaler, CUDA only")
 
     @model_validator(mode="after")

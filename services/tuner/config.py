@@ -134,6 +134,9 @@ class InferenceRule(_Section):
                               "% of probes that stop, below which a pass counts as failing")
     min_passes: int = Field(2, ge=1, description="consecutive failing probe passes to act")
     gate_factor: float = Field(2.0, gt=1, description="gate positive weight *= factor")
+    rescue_weight: float = Field(command_bounds.GATE_WEIGHT_STOPS, gt=0, description="a "
+                                 "weight the presets stop with: a lower one jumps here, "
+                                 "after one failing pass")
     cooldown_steps: int = Field(200, ge=1)
 
 

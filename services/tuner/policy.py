@@ -357,15 +357,18 @@ def _inference(b: _Builder) -> list[Decision]:
             or latest.scores.diagonality <= cfg.aligned_above:
         return []
     since = window.memory.last_fired.get(RULE_INFERENCE, -1)
-    passes = [p for p in window.probes if p.checkpoint_step > since][-cfg.min_passes:]
-    if len(passes) < cfg.min_passes or not all(
+    # Below the weight the presets stop with, one pass that fails this way is evidence
+    # enough (a second pass costs a whole checkpoint interval).
+    wanted = 1 if weight < cfg.rescue_weight else cfg.min_passes
+    passes = [p for p in window.probes if p.checkpoint_step > since][-wanted:]
+    if len(passes) < wanted or not all(
             p.stop_percent < cfg.stop_below
             and 2 * sum(not f.stopped for f in p.failures) >= len(p.failures)
             for p in passes):
         return []
     if not b.can_command(RULE_INFERENCE, ("set_gate_positive_weight",), cfg.cooldown_steps):
         return []
-    new = min(cap, weight * cfg.gate_factor)
+    new = min(cap, cfg.rescue_weight if weight < cfg.rescue_weight else weight * cfg.gate_factor)
     trigger = Trigger(rule=RULE_INFERENCE, metric="probes_stop",
                       value=passes[-1].stop_percent, threshold=cfg.stop_below,
                       window=passes[-1].checkpoint_step - passes[0].checkpoint_step)
