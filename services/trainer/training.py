@@ -59,11 +59,8 @@ from services.trainer.lockstep import (
     make_control,
 )
 from services.trainer.model import Tacotron2, count_parameters
-from services.trainer.probes import (
-    ProbeRunner,
-    ProbeSummary,
-    probes_for,
-)
+from services.trainer.probes import ProbeSummary
+from services.trainer.probing import Probing, make_probe_runner
 from services.trainer.run_folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -222,8 +219,7 @@ class Trainer:
         self.feed = Feed(cfg, self.data_dir, cache_dir or self.data_dir / ".features", self.dist,
                          progress=self.progress)
         model = Tacotron2(cfg.model, cfg.audio.n_mels).to(self.device)
-        self.probes = self._make_probe_runner() if self.is_main else None
-        self.last_probes: ProbeSummary | None = None
+        self.probing = Probing(make_probe_runner(cfg, self.feed) if self.is_main else None)
         self.engine = StepEngine(cfg, model, self.device, self.dist, fault)
         # The engine's parts that commands, tests and tools reach through the trainer.
         self.model, self.optimizer, self.lr = model, self.engine.optimizer, self.engine.lr
@@ -242,10 +238,9 @@ class Trainer:
         self._skips_since_checkpoint = 0
         self._max_norm_since_checkpoint = 0.0
         self._stop_requested = False
-        # The evaluation whose verdict observers have not had yet, and the checkpoint whose
-        # probe pass is in flight: a verdict waits for the probes of its own step.
+        # The evaluation whose verdict observers have not had yet: it waits for the probe
+        # pass of its own step (``probing.in_flight``).
         self._verdict_due: int | None = None
-        self._probing: int | None = None
 
         if resume and resume_from not in RESUME_FROM:
             raise ValueError(f"resume_from must be one of {', '.join(RESUME_FROM)}")
@@ -274,6 +269,8 @@ class Trainer:
     frames_per_symbol = delegate("feed")
     epoch = delegate("feed")
     batch_in_epoch = delegate("feed")
+    probes = delegate("probing", "runner")
+    last_probes = delegate("probing", "last")
 
     @property
     def gate_positive_weight(self) -> float:
@@ -299,49 +296,6 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-
-    def _make_probe_runner(self) -> ProbeRunner | None:
-        settings = self.cfg.probes
-        if not settings.enabled:
-            return None
-        recognizer = None
-        if settings.wer and "en" in self.languages:
-            from services.diagnostics.asr import Recognizer
-
-            installed, reason = Recognizer.available()
-            if installed:
-                recognizer = Recognizer()
-            else:
-                log.info("probes: no word error rate (%s)", reason)
-        return ProbeRunner(self.cfg, self.store.mean, self.store.std,
-                           probes_for(self.languages), self.frames_per_symbol,
-                           recognizer=recognizer, background=settings.background)
-
-    def _collect_probes(self, wait: bool = False) -> bool:
-        """Take in finished probe passes; returns whether there was one."""
-        if self.probes is None:
-            return False
-        finished = self.probes.wait() if wait else self.probes.collect()
-        if wait:
-            self._probing = None  # nothing in flight now (a failed pass yields no summary)
-        for summary in finished:
-            self.last_probes = summary
-            if self._probing is not None and summary.step >= self._probing:
-                self._probing = None
-            speaks = indicators.all_met(summary.indicators())
-            if speaks and not self.run_state.spoke_once:
-                self.run_state.spoke_once = True
-                self.run_folder.save_record(self.run_state)
-            self.run_folder.log_probes(summary)
-            assert self.checkpoints is not None
-            # Once the model has spoken, a checkpoint that no longer does is no rollback
-            # target (as one that lost its alignment is not).
-            self.checkpoints.record_probe_score(
-                summary.step, summary.score,
-                unhealthy=self.run_state.spoke_once and not speaks)
-            for observer in self.observers:
-                observer.on_probes(self, summary)
-        return bool(finished)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -487,9 +441,7 @@ class Trainer:
         self._skips_since_checkpoint = 0
         self._max_norm_since_checkpoint = 0.0
         self.run_folder.save_alignment_plot(self.last_eval)
-        if self.probes is not None:
-            self.probes.submit(self.model, self.step)
-            self._probing = self.step
+        self.probing.submit(self.model, self.step)
         for observer in self.observers:
             observer.on_checkpoint(self, info)
         return info
@@ -655,7 +607,7 @@ class Trainer:
         ``force``: now, with whatever probes are known (a newer evaluation is coming, or
         the run is ending), so every evaluation gets exactly one verdict, in order.
         """
-        if self._verdict_due is None or (not force and self._probing == self._verdict_due):
+        if self._verdict_due is None or (not force and self.probing.in_flight == self._verdict_due):
             return
         self._verdict_due = None
         verdict = self.verdict()
@@ -715,7 +667,7 @@ class Trainer:
                     self.evaluate()
                 # A probe pass that finished in the background may complete the verdict
                 # between evaluations.
-                if (self._collect_probes() or evaluated) and not met \
+                if (self.probing.collect(self) or evaluated) and not met \
                         and self._note_all_met(started):
                     met = True
                     if until_indicators:
@@ -748,10 +700,9 @@ class Trainer:
         entries = self.checkpoints.entries()
         if not entries or entries[-1].step != self.step:  # the loop may have just saved it
             self.save_checkpoint()
-        if self.probes is not None:
-            # The verdict includes the probes of the final checkpoint.
-            self._collect_probes(wait=True)
-            self.probes.close()
+        # The verdict includes the probes of the final checkpoint.
+        self.probing.collect(self, wait=True)
+        self.probing.close()
         self._note_all_met(started)
         self._settle_verdict(force=True)
         self.run_state.clean_exit = True
