@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from services.core import indicators
-from services.core.indicators import Indicator, Verdict, make_verdict
+from services.core.indicators import Verdict
 from services.trainer import distributed
 from services.trainer import text as text_frontend
 from services.trainer.checkpoints import (
@@ -73,6 +73,7 @@ from services.trainer.run_folder import (
     RunRecord,
     utc_now,
 )
+from services.trainer.verdicts import Verdicts, inference_checks, training_checks
 from services.trainer.warm_start import (
     WarmStartError,
     WarmStartReport,
@@ -87,7 +88,7 @@ __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "METRICS_FILE", "PAUSE_POLL_S", "PLOT_DIR", "PROBES_FILE",
     "RESUME_FROM", "RUN_STATE_FILE", "SUMMARY_FILE", "ControlState", "EvalResult", "RunRecord",
     "SetterCall", "StepMetrics", "Trainer", "TrainingController", "TrainingObserver",
-    "resolve_device",
+    "inference_checks", "resolve_device", "training_checks",
 ]
 
 RESUME_FROM = ("latest", "last_good", "best")
@@ -153,42 +154,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def training_checks(result: EvalResult, restarts: int) -> list[Indicator]:
-    """The plan's five indicators at the evaluation ``result``, each saying how it was measured.
-
-    Grad norm is the *largest* pre-clip norm of the finite steps of the window the
-    evaluation closes (``eval_every`` steps), so one bad step in the window fails it.
-    """
-    step, window = result.step, result.window_steps
-    checks = indicators.evaluate_indicators(
-        grad_norm=result.window_grad_norm, diagonality=result.scores["diagonality"],
-        restarts=restarts, loss=result.losses["objective"], quality=result.scores["quality"])
-    measured = {
-        indicators.GRAD_NORM: (
-            f"largest pre-clip grad norm of the last {window} finite steps to step {step}"
-            if window else f"no finite step in the window before step {step}"),
-        indicators.DIAGONALITY: f"diagonality of the validation batch at step {step}",
-        indicators.RESTARTS: "restarts of this run (processes that ended without a clean "
-                             "exit)",
-        indicators.LOSS: f"validation loss mel+postnet+gate at step {step}",
-        indicators.QUALITY: f"alignment quality of the validation batch at step {step}",
-    }
-    return [check.model_copy(update={"measured": measured[check.name]}) for check in checks]
-
-
-def inference_checks(probes: ProbeSummary | None) -> list[Indicator]:
-    """The inference indicator on the latest probe pass; not met before the first."""
-    if probes is None:
-        checks = indicators.evaluate_inference(math.nan, math.nan)
-        return [check.model_copy(update={"measured": "no probe pass yet"})
-                for check in checks]
-    where = f"probe pass of checkpoint step {probes.step} ({probes.n} probes)"
-    measured = {indicators.PROBES_STOP: f"share of probes that stopped by themselves, {where}",
-                indicators.INFERENCE_DIAGONALITY: f"median inference diagonality, {where}"}
-    return [check.model_copy(update={"measured": measured[check.name]})
-            for check in probes.indicators()]
-
-
 class Trainer:
     """Owns one run: its data, step engine, checkpoints, run folder and the loop over them."""
 
@@ -227,6 +192,7 @@ class Trainer:
         self.checkpoints: CheckpointManager | None = (
             CheckpointManager(self.run_folder.checkpoint_dir, cfg.run.keep_last)
             if self.is_main else None)
+        self.verdicts = Verdicts(cfg.probes.enabled)
         self.control = make_control(self.dist)
 
         self.step = 0
@@ -238,9 +204,6 @@ class Trainer:
         self._skips_since_checkpoint = 0
         self._max_norm_since_checkpoint = 0.0
         self._stop_requested = False
-        # The evaluation whose verdict observers have not had yet: it waits for the probe
-        # pass of its own step (``probing.in_flight``).
-        self._verdict_due: int | None = None
 
         if resume and resume_from not in RESUME_FROM:
             raise ValueError(f"resume_from must be one of {', '.join(RESUME_FROM)}")
@@ -557,7 +520,7 @@ class Trainer:
 
     def evaluate(self) -> EvalResult:
         """Teacher-forced losses and alignment scores on the fixed validation batch."""
-        self._settle_verdict(force=True)  # the previous evaluation's, if it still waits
+        self.verdicts.settle(self, force=True)  # the previous evaluation's, if it still waits
         result = self.engine.evaluate(self.val_batch, self.step)
         result.window_grad_norm = max(self.recent_norms) if self.recent_norms else math.inf
         result.window_steps = len(self.recent_norms)
@@ -569,7 +532,7 @@ class Trainer:
         self.run_folder.log({"kind": "eval", "step": self.step, **result.losses, **scores})
         for observer in self.observers:
             observer.on_eval(self, result)
-        self._verdict_due = result.step
+        self.verdicts.due = result.step
         return result
 
     def _batches(self) -> Iterator[Batch]:
@@ -579,40 +542,9 @@ class Trainer:
     # ---------------------------------------------------------------- the verdict
 
     def verdict(self) -> Verdict:
-        """The run against every indicator at the latest evaluation (one is made if none).
-
-        The plan's five on the evaluation, then (probes on) the inference indicator on the
-        latest probe pass; each says how it was measured. ``first_met_step`` is the run
-        record's: the evaluation at which all were first met, restarts included.
-        """
-        result = self.last_eval or self.evaluate()
-        checks = training_checks(result, self.run_state.restarts)
-        if self.cfg.probes.enabled:
-            checks += inference_checks(self.last_probes)
-        return make_verdict(result.step, checks, self.run_state.first_met_step)
-
-    def _note_all_met(self, started: float) -> bool:
-        """Whether every indicator is met now; the first time ever goes in the run record."""
-        verdict = self.verdict()
-        if verdict.all_met and self.run_state.first_met_step is None:
-            self.run_state.first_met_step = verdict.step
-            self.run_state.first_met_minutes = (time.perf_counter() - started) / 60
-            self.run_folder.save_record(self.run_state)
-            log.info("all success indicators met at step %d", verdict.step)
-        return verdict.all_met
-
-    def _settle_verdict(self, force: bool = False) -> None:
-        """Give observers the due evaluation's verdict, unless it waits for its probes.
-
-        ``force``: now, with whatever probes are known (a newer evaluation is coming, or
-        the run is ending), so every evaluation gets exactly one verdict, in order.
-        """
-        if self._verdict_due is None or (not force and self.probing.in_flight == self._verdict_due):
-            return
-        self._verdict_due = None
-        verdict = self.verdict()
-        for observer in self.observers:
-            observer.on_verdict(self, verdict)
+        """The run against every indicator at the latest evaluation (one is made if none);
+        services/trainer/verdicts.py judges it."""
+        return self.verdicts.judge(self, self.last_eval or self.evaluate())
 
     # ---------------------------------------------------------------- the loop
 
@@ -668,13 +600,13 @@ class Trainer:
                 # A probe pass that finished in the background may complete the verdict
                 # between evaluations.
                 if (self.probing.collect(self) or evaluated) and not met \
-                        and self._note_all_met(started):
+                        and self.verdicts.note_all_met(self, started):
                     met = True
                     if until_indicators:
                         stop_reason = "indicators_met"
                 if self.step % self.cfg.run.checkpoint_every == 0:
                     self.save_checkpoint()
-                self._settle_verdict()
+                self.verdicts.settle(self)
                 bar.n = self.step  # a rollback moves the step back
                 bar.set_postfix(self._postfix(metrics), refresh=False)
                 bar.update(0)
@@ -703,8 +635,8 @@ class Trainer:
         # The verdict includes the probes of the final checkpoint.
         self.probing.collect(self, wait=True)
         self.probing.close()
-        self._note_all_met(started)
-        self._settle_verdict(force=True)
+        self.verdicts.note_all_met(self, started)
+        self.verdicts.settle(self, force=True)
         self.run_state.clean_exit = True
         self.run_state.consecutive_restarts = 0
         self.run_folder.save_record(self.run_state)
@@ -719,26 +651,4 @@ class Trainer:
 
     def summary(self, stop_reason: str, seconds: float) -> dict[str, Any]:
         """Final report: where the run stands against each indicator (the verdict)."""
-        verdict = self.verdict()
-        result = self.last_eval
-        assert result is not None
-        return {
-            "run_id": self.run_state.run_id,
-            "step": self.step,
-            "stop_reason": stop_reason,
-            "seconds": round(seconds, 1),
-            "skipped_steps": self.skipped_steps,
-            "restarts": self.run_state.restarts,
-            "validation": result.losses,
-            "alignment": result.scores,
-            # The verdict's parts under the keys readers of earlier summaries know.
-            "indicators": [check.model_dump() for check in verdict.indicators],
-            "all_indicators_met": verdict.all_met,
-            "indicators_first_met": self.run_state.first_met(),
-            "verdict": verdict.model_dump(),
-            "probes": (self.last_probes.model_dump(mode="json")
-                       if self.last_probes is not None else None),
-            "overrides": self.overrides,
-            "warm_start": (self.warm_start_report.model_dump()
-                           if self.warm_start_report is not None else None),
-        }
+        return self.verdicts.summary(self, stop_reason, seconds)
