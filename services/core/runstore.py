@@ -7,7 +7,10 @@ and its ack awaited, exactly as one from the API.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
 import time
 from typing import Any, TypeVar
 
@@ -20,6 +23,7 @@ from services.core.schemas import (
     SCHEMAS,
     Ack,
     ActionRecord,
+    Approval,
     Command,
     Event,
     Message,
@@ -35,6 +39,7 @@ from services.core.streams import (
     RUNS_KEY,
     Stream,
     alignment_png_key,
+    approval_token_key,
     maxlen_for,
     stream_key,
     validate_run_id,
@@ -46,6 +51,8 @@ ACK_BLOCK_MS = 500  # one blocking read of the acks stream; below any client soc
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACTION_SCAN = 1000  # action records read to find the latest stage of the last N actions
 PROBES_SCAN = 200  # events read back to find the newest probes event
+APPROVAL_TOKEN_CHARS = 16  # hex digits of an approval button's token (fits callback data)
+_APPROVAL_TOKEN = re.compile(rf"^[0-9a-f]{{{APPROVAL_TOKEN_CHARS}}}$")
 
 M = TypeVar("M", bound=Message)
 _STREAM_OF: dict[type[Message], Stream] = {schema: stream for stream, schema in SCHEMAS.items()}
@@ -165,11 +172,14 @@ class RunStore:
 
     def counts(self, run_id: str) -> StreamCounts:
         """XLEN of each of the run's streams."""
+        # The fields name the streams counted (the approvals stream is not one of them, so
+        # the API's answer keeps its shape).
+        streams = [Stream(name) for name in StreamCounts.model_fields]
         pipe = self.client.pipeline(transaction=False)
-        for stream in Stream:
+        for stream in streams:
             pipe.xlen(stream_key(run_id, stream))
         lengths = pipe.execute()
-        return StreamCounts(**{stream.value: n for stream, n in zip(Stream, lengths,
+        return StreamCounts(**{stream.value: n for stream, n in zip(streams, lengths,
                                                                       strict=True)})
 
     def latest_actions(self, run_id: str, limit: int) -> list[ActionRecord]:
@@ -185,6 +195,49 @@ class RunStore:
                 if len(newest) == limit:
                     break
         return sorted(newest.values(), key=lambda record: record.ts)
+
+    def latest_action(self, run_id: str, action_id: str) -> ActionRecord | None:
+        """The newest record of one action (its current stage), or None if not among the
+        last ``ACTION_SCAN`` records."""
+        for record in reversed(self.recent(run_id, ActionRecord, ACTION_SCAN)):
+            if record.action_id == action_id:
+                return record
+        return None
+
+    def approval_token(self, run_id: str, action_id: str, ttl_s: float) -> str:
+        """A short token standing for (run, action), kept ``ttl_s`` seconds; the same pair
+        always gets the same token, so a redelivered proposal does not make a new one.
+
+        Buttons carry the token, never the ids themselves: callback data is 64 bytes at most
+        and comes back from the client, so it is looked up, not trusted.
+        """
+        digest = hashlib.sha256(f"{validate_run_id(run_id)}|{action_id}".encode())
+        token = digest.hexdigest()[:APPROVAL_TOKEN_CHARS]
+        self.client.set(approval_token_key(token),
+                        json.dumps({"run_id": run_id, "action_id": action_id}),
+                        ex=max(1, int(ttl_s)))
+        return token
+
+    def approval_target(self, token: str) -> tuple[str, str] | None:
+        """The (run id, action id) a token stands for; None when malformed or expired."""
+        if not _APPROVAL_TOKEN.match(token):
+            return None
+        raw = self.client.get(approval_token_key(token))
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            return validate_run_id(str(data["run_id"])), str(data["action_id"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("approval token %s holds %r; ignoring it", token, raw)
+            return None
+
+    def answer(self, approval: Approval) -> str:
+        """XADD a person's answer to a proposal to its run's approvals stream (the tuner
+        reads it there); returns the entry id."""
+        key = stream_key(approval.run_id, Stream.APPROVALS)
+        return _text(self.client.xadd(key, encode(approval), maxlen=maxlen_for(key),
+                                      approximate=True))
 
     def latest_probes(self, run_id: str) -> ProbeReport | None:
         """The newest ``probes`` event's report: how the newest probed checkpoint speaks."""

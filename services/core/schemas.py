@@ -282,21 +282,74 @@ class Effect(BaseModel):
     recovered: bool
 
 
+class Expectation(BaseModel):
+    """What a command should do: which metric recovers, from what, past which target, and
+    how many steps after the ack it is measured."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+    metric: str
+    before: FiniteOrNot
+    target: float
+    recovered_when: Literal["below", "above"]
+    within_steps: int = Field(ge=1)
+
+
+OnTimeout = Literal["apply", "drop"]
+
+
+class Proposal(BaseModel):
+    """A supervised decision asking a person first: until when, and what silence means."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+    deadline: float = Field(description="unix time; unanswered by then, on_timeout decides")
+    on_timeout: OnTimeout
+    current: float | None = Field(default=None, description="the setting's value when "
+                                  "proposed (the 'before' of the change)")
+    expected: Expectation | None = None
+
+
+# How a proposal ended: a person's answer, or the timeout applying or dropping it.
+Resolution = Literal["approved", "rejected", "timeout_applied", "timeout_dropped"]
+
+
 class ActionRecord(Message):
-    """Audit trail of one tuner decision: trigger -> command -> ack -> measured effect."""
+    """Audit trail of one tuner decision: trigger -> command -> ack -> measured effect.
+
+    Under supervision it starts as "proposed" (no command sent); an approval (or a timeout
+    with on_timeout "apply") continues with "issued", a rejection ends it as "rejected" and a
+    timeout with on_timeout "drop" as "dropped". Every later record carries the proposal,
+    its resolution and who decided.
+    """
 
     kind: Literal["action"] = "action"
     action_id: str
-    stage: Literal["issued", "acked", "measured"]
+    stage: Literal["proposed", "issued", "acked", "measured", "rejected", "dropped"]
     trigger: Trigger
     command: Command
     ack: Ack | None = None
     effect: Effect | None = None
+    proposal: Proposal | None = None
+    resolution: Resolution | None = None
+    decided_by: str = Field(default="", max_length=128, description="who answered (or "
+                            "'timeout')")
+
+
+class Approval(Message):
+    """A person's answer to a proposal, written by the bot (or any client) via RunStore."""
+
+    kind: Literal["approval"] = "approval"
+    answer_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1,
+                           max_length=64)
+    action_id: str = Field(min_length=1, max_length=64)
+    approved: bool
+    by: str = Field(min_length=1, max_length=128, description="who, e.g. telegram:<user>")
 
 
 EventKind = Literal["run_started", "checkpoint_saved", "restart", "red_flag", "recovered",
                     "indicators_met", "paused", "resumed", "finished", "stopped",
-                    "events_dropped", "critical", "probes"]
+                    "events_dropped", "critical", "probes", "approval_ignored"]
 Severity = Literal["info", "warning", "critical"]
 
 
@@ -337,6 +390,7 @@ SCHEMAS: dict[Stream, type[Message]] = {
     Stream.ACTIONS: ActionRecord,
     Stream.EVENTS: Event,
     Stream.VERDICT: VerdictMessage,
+    Stream.APPROVALS: Approval,
 }
 
 # A stream entry larger than this is refused unread (attention snapshots are the largest).

@@ -29,6 +29,7 @@ class Stream(StrEnum):
     ACTIONS = "actions"
     EVENTS = "events"
     VERDICT = "verdict"
+    APPROVALS = "approvals"  # people's answers to the tuner's supervised proposals
 
 
 # Approximate caps: ~10 hours of 1 step/s metrics; snapshots are big, so fewer of them.
@@ -41,6 +42,7 @@ MAXLEN: dict[Stream, int] = {
     Stream.ACTIONS: 10_000,
     Stream.EVENTS: 10_000,
     Stream.VERDICT: 10_000,
+    Stream.APPROVALS: 10_000,
 }
 DEAD_LETTER_MAXLEN = 10_000
 
@@ -87,3 +89,8 @@ def alignment_png_meta_key(run_id: str) -> str:
 def tuner_key(run_id: str, name: str) -> str:
     """A key the tuner keeps for one run, e.g. ``smart-tuner:run42:tuner:memory``."""
     return f"{PREFIX}:{validate_run_id(run_id)}:tuner:{name}"
+
+
+def approval_token_key(token: str) -> str:
+    """What an approval button's short token stands for (JSON: run id, action id)."""
+    return f"{PREFIX}:approval-token:{token}"

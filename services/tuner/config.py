@@ -11,11 +11,18 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from services.core import bounds as command_bounds
 from services.core import indicators, plateau
-from services.core.schemas import COMMAND_TTL_S
+from services.core.schemas import COMMAND_TTL_S, OnTimeout
 from services.core.settings import ConfigError
 
 
@@ -172,6 +179,39 @@ class TunerBounds(_Section):
         return self
 
 
+# The rules that send commands (services.tuner.policy's RULE_* names; the policy imports
+# this module, so the names are spelt here and a test checks they match).
+COMMAND_RULES = frozenset({"restarts", "non_finite", "grad_norm", "plateau", "alignment",
+                           "anneal", "inference"})
+# A crash loop's stop is a safety net, not a tuning choice: not asked about unless listed.
+SUPERVISED_BY_DEFAULT = COMMAND_RULES - {"restarts"}
+
+
+class SupervisedConfig(_Section):
+    """Supervised mode: the listed rules propose in Telegram and wait for an admin's answer
+    instead of commanding; silence for ``timeout_s`` applies or drops the command."""
+
+    enabled: bool = False
+    rules: frozenset[str] = Field(default=SUPERVISED_BY_DEFAULT,
+                                  description="rules whose commands need approval")
+    timeout_s: float = Field(600.0, gt=0, description="how long a proposal waits")
+    on_timeout: OnTimeout = Field("apply", description="what an unanswered proposal "
+                                  "becomes: 'apply' sends the command, 'drop' does not")
+
+    @field_validator("rules")
+    @classmethod
+    def _known_rules(cls, rules: frozenset[str]) -> frozenset[str]:
+        unknown = sorted(rules - COMMAND_RULES)
+        if unknown:
+            raise ValueError(f"unknown rule(s) {', '.join(unknown)}; rules that send "
+                             f"commands: {', '.join(sorted(COMMAND_RULES))}")
+        return rules
+
+    def needs_approval(self, rule: str) -> bool:
+        """Whether a command of ``rule`` waits for a person's answer."""
+        return self.enabled and rule in self.rules
+
+
 class ServiceConfig(_Section):
     """The loop around the policy: window sizes, command expiry, measuring, reclaiming."""
 
@@ -205,6 +245,7 @@ class TunerConfig(_Section):
     inference: InferenceRule = Field(default_factory=InferenceRule)
     bounds: TunerBounds = Field(default_factory=TunerBounds)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
+    supervised: SupervisedConfig = Field(default_factory=SupervisedConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TunerConfig:

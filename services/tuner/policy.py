@@ -123,6 +123,33 @@ def apply_decision(window: RunWindow, decision: Decision, command_id: str | None
         window.set_latch(decision.unlatch, False)
 
 
+def propose_decision(window: RunWindow, decision: Decision, command_id: str,
+                     deadline: float) -> None:
+    """Record a command decision put to a person instead of sent (supervised mode).
+
+    It blocks its rule and its setting exactly like a command in flight, until it is
+    answered or ``deadline`` passes, so the rule does not propose again every step; it
+    raises no latch (a proposed stop has stopped nothing yet)."""
+    if decision.action is None:
+        raise ValueError("only a command decision can be proposed")
+    window.record_fired(decision.rule, decision.step, command_id, decision.action, deadline)
+
+
+def resolve_proposal(window: RunWindow, rule: str, command_id: str, action: str,
+                     applied: bool, expires_at: float | None = None) -> None:
+    """A proposal answered or timed out. Applied: a command in flight from now (its cooldown
+    starts now; a stop latches). Not applied: the setting is free again and the rule cools
+    down from now, so a rejected proposal is not made again at the next step."""
+    step = max(window.step, 0)
+    if applied:
+        window.record_fired(rule, step, command_id, action, expires_at)
+        if action == "stop":
+            window.set_latch(STOPPED, True)
+    else:
+        window.memory.in_flight.pop(command_id, None)
+        window.record_fired(rule, step)
+
+
 # ---------------------------------------------------------------------- helpers
 
 

@@ -14,6 +14,14 @@ and the pending action. A tuner killed after publishing re-reads its pending ent
 restart, finds the key (and a cooldown in the restored memory) and does not issue again.
 One tuner consumer per group acts on a run at a time; a second one is a standby that
 takes over what a dead one left pending (XAUTOCLAIM).
+
+Supervised mode (``[supervised]`` in the tuner config): a command of a listed rule is not
+sent but proposed, an action record of stage "proposed" kept pending in Redis like an issued
+command (so a restarted tuner keeps it, and the policy sees it in flight). People answer on
+the run's approvals stream (the bot's buttons, through ``RunStore.answer``): an approval
+sends the command ("issued", then "acked" and "measured" as always), a rejection ends it as
+"rejected"; no answer by the deadline applies or drops it as ``on_timeout`` says. The first
+answer wins; any later one is ignored and recorded as an ``approval_ignored`` event.
 """
 
 from __future__ import annotations
@@ -29,20 +37,25 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import redis
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.core.bus import Consumer, Delivery, connect, entry_order
 from services.core.consumer import BLOCK_MS, LoopSettings, RunStreamReader
 from services.core.logging import setup_logging
 from services.core.schemas import (
     MAX_NOTE_CHARS,
+    VALUE_ACTIONS,
     Ack,
     ActionRecord,
     AlignmentReport,
+    Approval,
     Command,
     Event,
+    Expectation,
     Message,
     MetricsMessage,
+    Proposal,
+    Resolution,
     VerdictMessage,
     encode,
 )
@@ -62,6 +75,8 @@ from services.tuner.policy import (
     command_id_for,
     decide,
     measure_effect,
+    propose_decision,
+    resolve_proposal,
 )
 from services.tuner.state import PolicyMemory, RunWindow
 
@@ -71,11 +86,13 @@ DEFAULT_GROUP = "tuner"
 DEFAULT_CONSUMER = "tuner-1"
 # Every stream of a run the tuner reads: adding one here is all it takes to read it.
 INPUT_STREAMS = (Stream.METRICS, Stream.DIAGNOSTICS, Stream.ACKS, Stream.EVENTS,
-                 Stream.VERDICT)
+                 Stream.VERDICT, Stream.APPROVALS)
 # The tuner's own per-run keys (beside the run's streams, under the same prefix).
 MEMORY_KEY = "memory"  # PolicyMemory JSON
 ISSUED_KEY = "issued"  # hash: idempotency key -> command id (or "event")
 ACTIONS_KEY = "pending-actions"  # hash: command id -> PendingAction JSON
+ANSWERED_KEY = "answered"  # hash: proposal id -> Answered JSON (how it was resolved)
+TIMEOUT_BY = "timeout"  # decided_by of a proposal nobody answered in time
 
 
 class PendingAction(BaseModel):
@@ -86,6 +103,16 @@ class PendingAction(BaseModel):
     record: ActionRecord  # the latest stage published
     measure: Measure | None = None
     ack_step: int | None = None
+
+
+class Answered(BaseModel):
+    """How a proposal was resolved (kept in Redis): later answers are judged against it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resolution: Resolution
+    by: str
+    answer_id: str | None = Field(None, description="the answer that decided; None: timeout")
 
 
 @dataclass
@@ -104,6 +131,23 @@ def _note(decision: Decision) -> str:
     text = (f"{decision.rule}: {t.metric} {t.value:.4g} vs threshold {t.threshold:g} "
             f"(window {t.window}) at step {decision.step}")
     return text[:MAX_NOTE_CHARS]
+
+
+def _current(window: RunWindow, action: str) -> float | None:
+    """The value the setting a value command moves has now (the "before" of a proposal)."""
+    if action not in VALUE_ACTIONS:
+        return None
+    return {"set_lr": window.lr, "set_guided_attention_weight": window.ga_weight,
+            "set_grad_clip": window.clip_threshold,
+            "set_gate_positive_weight": window.gate_weight}.get(action)
+
+
+def _expected(measure: Measure | None, steps: int) -> Expectation | None:
+    """The decision's measure as the effect a person is told to expect."""
+    if measure is None:
+        return None
+    return Expectation(metric=measure.metric, before=measure.before, target=measure.target,
+                       recovered_when=measure.recovered_when, within_steps=steps)
 
 
 class TunerService:
@@ -128,6 +172,8 @@ class TunerService:
         # Counters (a Prometheus exporter can read these attributes).
         self.decisions_by_rule: Counter[str] = Counter()
         self.commands_issued = 0
+        self.proposals_made = 0
+        self.answers_ignored = 0
         self.events_emitted = 0
         self.duplicates_suppressed = 0
         self.records_by_stage: Counter[str] = Counter()
@@ -192,9 +238,13 @@ class TunerService:
         self.reader.run(stop_event, self._round)
 
     def _round(self, deliveries: list[Delivery]) -> int:
-        """Handle one batch, then expire unanswered commands (every round, even idle)."""
+        """Handle one batch, then settle proposals past their deadline and expire unanswered
+        commands (every round, even idle). Answers in the batch come first: one given before
+        the deadline wins even when the tuner reads it late."""
         handled = self._process(deliveries)
-        self._expire(self.clock())
+        now = self.clock()
+        self._settle_due(now)
+        self._expire(now)
         self.metrics.dead_lettered(self.consumer.dead_lettered)
         return handled
 
@@ -245,6 +295,9 @@ class TunerService:
             window.observe_event(message)
         elif isinstance(message, VerdictMessage):
             window.observe_verdict(message)
+        elif isinstance(message, Approval):
+            # A person's answer is acted on however late it is read (unlike history).
+            self._on_approval(run_id, window, message)
         # Catching up on old history updates the window but must not act on the past.
         if self.clock() - message.ts > self.config.service.max_lag_s:
             return
@@ -275,6 +328,8 @@ class TunerService:
                                 "trigger": decision.trigger.model_dump(mode="json")})
             apply_decision(window, decision)
             return _Outgoing(decision, "event", [(Stream.EVENTS, event)])
+        if self.config.supervised.needs_approval(decision.rule):
+            return self._proposal(run_id, window, decision)
         command_id = command_id_for(run_id, decision)
         command = Command(run_id=run_id, command_id=command_id, action=decision.action,
                           value=decision.value, source="tuner", reason=decision.trigger,
@@ -285,6 +340,27 @@ class TunerService:
         apply_decision(window, decision, command_id, command.expires_at)
         return _Outgoing(decision, command_id,
                          [(Stream.COMMANDS, command), (Stream.ACTIONS, record)],
+                         PendingAction(record=record, measure=decision.measure))
+
+    def _proposal(self, run_id: str, window: RunWindow, decision: Decision) -> _Outgoing:
+        """A command decision put to a person: its "proposed" record, no command yet."""
+        assert decision.action is not None
+        supervised = self.config.supervised
+        command_id = command_id_for(run_id, decision)
+        deadline = self.clock() + supervised.timeout_s
+        # The command as it will go out; stamped afresh (time, expiry) when it does.
+        command = Command(run_id=run_id, command_id=command_id, action=decision.action,
+                          value=decision.value, source="tuner", reason=decision.trigger,
+                          requested_by=f"tuner:{decision.rule}", note=_note(decision),
+                          expires_at=deadline + self.config.service.command_ttl_s)
+        proposal = Proposal(deadline=deadline, on_timeout=supervised.on_timeout,
+                            current=_current(window, decision.action),
+                            expected=_expected(decision.measure,
+                                               self.config.service.measure_after_steps))
+        record = ActionRecord(run_id=run_id, action_id=command_id, stage="proposed",
+                              trigger=decision.trigger, command=command, proposal=proposal)
+        propose_decision(window, decision, command_id, deadline)
+        return _Outgoing(decision, command_id, [(Stream.ACTIONS, record)],
                          PendingAction(record=record, measure=decision.measure))
 
     def _act(self, run_id: str, window: RunWindow, decisions: list[Decision]) -> None:
@@ -302,8 +378,8 @@ class TunerService:
             if not published:
                 self.duplicates_suppressed += 1
                 known = self.pending[run_id].get(item.marker)
-                if decision.action is not None and (known is None
-                                                    or known.record.stage != "issued"):
+                if decision.action is not None and (
+                        known is None or known.record.stage not in ("issued", "proposed")):
                     # Published and already answered in an earlier life of this tuner.
                     window.memory.in_flight.pop(item.marker, None)
                 log.info("run %s: %s was published before, not repeating", run_id,
@@ -313,12 +389,17 @@ class TunerService:
             if decision.action is not None:
                 assert item.pending is not None
                 self.pending[run_id][item.marker] = item.pending
-                self.commands_issued += 1
-                self.records_by_stage["issued"] += 1
-                log.info("run %s: %s -> %s %s (%s %.4g vs %g) as %s", run_id, decision.rule,
+                stage = item.pending.record.stage
+                if stage == "proposed":
+                    self.proposals_made += 1
+                else:
+                    self.commands_issued += 1
+                self.records_by_stage[stage] += 1
+                log.info("run %s: %s -> %s %s (%s %.4g vs %g) as %s%s", run_id, decision.rule,
                          decision.action, "" if decision.value is None else decision.value,
                          decision.trigger.metric, decision.trigger.value,
-                         decision.trigger.threshold, item.marker)
+                         decision.trigger.threshold, item.marker,
+                         ", proposed: awaiting approval" if stage == "proposed" else "")
             else:
                 assert decision.event is not None
                 self.events_emitted += 1
@@ -376,7 +457,8 @@ class TunerService:
             return  # not ours (bot, API) or a redelivered ack
         record = ActionRecord(run_id=run_id, action_id=pending.record.action_id,
                               stage="acked", trigger=pending.record.trigger,
-                              command=pending.record.command, ack=ack)
+                              command=pending.record.command, ack=ack,
+                              **_supervision(pending.record))
         keep = ack.status == "applied" and pending.measure is not None
         self._write_stage(run_id, record, PendingAction(record=record, measure=pending.measure,
                                                         ack_step=ack.step) if keep else None)
@@ -393,11 +475,136 @@ class TunerService:
             record = ActionRecord(run_id=run_id, action_id=pending.record.action_id,
                                   stage="measured", trigger=pending.record.trigger,
                                   command=pending.record.command, ack=pending.record.ack,
-                                  effect=effect)
+                                  effect=effect, **_supervision(pending.record))
             self._write_stage(run_id, record, None)
             log.info("run %s: %s %s: %s %.4g -> %.4g (%s)", run_id, record.command.action,
                      record.action_id, effect.metric, effect.before, effect.after,
                      "recovered" if effect.recovered else "not recovered")
+
+    # ------------------------------------------------------------------ supervision
+
+    def _on_approval(self, run_id: str, window: RunWindow, approval: Approval) -> None:
+        """A person's answer: resolves the proposal if it still waits; else it is ignored
+        (and recorded), unless it is the very answer that resolved it, read again."""
+        raw = self.client.hget(tuner_key(run_id, ANSWERED_KEY), approval.action_id)
+        if raw is not None:
+            answered = Answered.model_validate_json(raw)
+            if answered.answer_id == approval.answer_id:
+                return  # redelivered after a restart: already acted on
+            self._ignore(run_id, window, approval,
+                         f"already {answered.resolution.replace('_', ' ')} by {answered.by}")
+            return
+        pending = self.pending[run_id].get(approval.action_id)
+        if pending is None or pending.record.stage != "proposed":
+            self._ignore(run_id, window, approval, "no such proposal awaits an answer")
+            return
+        self._resolve(run_id, window, pending, "approved" if approval.approved else "rejected",
+                      approval.by, approval.answer_id)
+
+    def _settle_due(self, now: float) -> None:
+        """Proposals past their deadline: applied or dropped, as each one said it would be."""
+        for run_id, window in self.windows.items():
+            for pending in list(self.pending[run_id].values()):
+                proposal = pending.record.proposal
+                if pending.record.stage != "proposed" or proposal is None \
+                        or proposal.deadline > now:
+                    continue
+                resolution: Resolution = ("timeout_applied" if proposal.on_timeout == "apply"
+                                          else "timeout_dropped")
+                self._resolve(run_id, window, pending, resolution, TIMEOUT_BY, None)
+
+    def _resolve(self, run_id: str, window: RunWindow, pending: PendingAction,
+                 resolution: Resolution, by: str, answer_id: str | None) -> None:
+        """End a proposal: send its command ("issued") or close it ("rejected", "dropped");
+        the answer, the records, the pending action and the memory in one transaction."""
+        old = pending.record
+        now = self.clock()
+        applied = resolution in ("approved", "timeout_applied")
+        messages: list[tuple[Stream, Message]] = []
+        if applied:
+            command = old.command.model_copy(update={
+                "ts": now, "expires_at": now + self.config.service.command_ttl_s})
+            record = ActionRecord(run_id=run_id, action_id=old.action_id, stage="issued",
+                                  trigger=old.trigger, command=command,
+                                  proposal=old.proposal, resolution=resolution,
+                                  decided_by=by)
+            messages.append((Stream.COMMANDS, command))
+            after: PendingAction | None = PendingAction(record=record, measure=pending.measure)
+        else:
+            stage = "rejected" if resolution == "rejected" else "dropped"
+            record = ActionRecord(run_id=run_id, action_id=old.action_id, stage=stage,
+                                  trigger=old.trigger, command=old.command,
+                                  proposal=old.proposal, resolution=resolution,
+                                  decided_by=by)
+            after = None
+        messages.append((Stream.ACTIONS, record))
+        resolve_proposal(window, old.trigger.rule, old.action_id, old.command.action, applied,
+                         record.command.expires_at)
+        answered_key = tuner_key(run_id, ANSWERED_KEY)
+        actions = tuner_key(run_id, ACTIONS_KEY)
+        ttl = self.config.service.issued_ttl_s
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(answered_key)
+                    if pipe.hexists(answered_key, old.action_id):
+                        pipe.unwatch()
+                        log.warning("run %s: proposal %s was resolved meanwhile", run_id,
+                                    old.action_id)
+                        return
+                    pipe.multi()
+                    pipe.hset(answered_key, old.action_id, Answered(
+                        resolution=resolution, by=by, answer_id=answer_id).model_dump_json())
+                    pipe.expire(answered_key, ttl)
+                    for stream, message in messages:
+                        self._xadd(pipe, run_id, stream, message)
+                    if after is None:
+                        pipe.hdel(actions, old.action_id)
+                    else:
+                        pipe.hset(actions, old.action_id, after.model_dump_json())
+                    self._save_memory(pipe, run_id)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        if after is None:
+            self.pending[run_id].pop(old.action_id, None)
+        else:
+            self.pending[run_id][old.action_id] = after
+            self.commands_issued += 1
+        self.records_by_stage[record.stage] += 1
+        log.info("run %s: proposal %s (%s %s) %s by %s", run_id, old.action_id,
+                 old.command.action, "" if old.command.value is None else old.command.value,
+                 resolution, by)
+
+    def _ignore(self, run_id: str, window: RunWindow, approval: Approval, why: str) -> None:
+        """Record an answer that changed nothing, once per answer (an event, for the trail)."""
+        verb = "approval" if approval.approved else "rejection"
+        event = Event(run_id=run_id, event="approval_ignored", severity="info",
+                      step=max(window.step, 0),
+                      detail=f"{verb} of {approval.action_id} by {approval.by} ignored: {why}",
+                      data={"source": "tuner", "action_id": approval.action_id,
+                            "by": approval.by, "approved": approval.approved})
+        issued = tuner_key(run_id, ISSUED_KEY)
+        marker = f"answer:{approval.answer_id}"
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(issued)
+                    if pipe.hexists(issued, marker):
+                        pipe.unwatch()
+                        return  # recorded before this entry was redelivered
+                    pipe.multi()
+                    pipe.hset(issued, marker, "ignored")
+                    pipe.expire(issued, self.config.service.issued_ttl_s)
+                    self._xadd(pipe, run_id, Stream.EVENTS, event)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        self.answers_ignored += 1
+        log.info("run %s: answer %s of %s to %s ignored: %s", run_id, approval.answer_id,
+                 approval.by, approval.action_id, why)
 
     def _expire(self, now: float) -> None:
         """Unanswered commands past expiry + grace stop blocking their rules."""
@@ -418,6 +625,12 @@ class TunerService:
             for item in expired:
                 log.warning("run %s: command %s (%s) was never acked; it no longer blocks "
                             "rule %s", run_id, item.command_id, item.action, item.rule)
+
+
+def _supervision(record: ActionRecord) -> dict[str, object]:
+    """The proposal, resolution and decider of an action, carried to its later records."""
+    return {"proposal": record.proposal, "resolution": record.resolution,
+            "decided_by": record.decided_by}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
