@@ -26,14 +26,17 @@ from services.core.schemas import (
     Effect,
     Event,
     EventKind,
+    Expectation,
     MetricsMessage,
     ProbeFailure,
     ProbeReport,
+    Proposal,
     Trigger,
 )
 from services.notifier.reports import (
     MESSAGES,
     action_report,
+    actions_report,
     escape,
     event_report,
     progress_report,
@@ -213,6 +216,56 @@ def test_action_report_stages(language: str, stage: str) -> None:
         assert "100" in line_with(text, "📈")
     elif stage == "acked":
         assert words["effect_pending"] in text
+
+
+DEADLINE = 1_764_079_509.0  # 14:05:09 UTC
+
+
+def supervised(stage: str, resolution: str | None = None, by: str = "") -> ActionRecord:
+    """``record(stage)`` of a supervised action: its proposal, and how it was decided."""
+    base = record("issued" if stage in ("proposed", "rejected", "dropped") else stage)
+    proposal = Proposal(deadline=DEADLINE, on_timeout="drop", current=1e-3,
+                        expected=Expectation(metric="grad_norm", before=412.5, target=100.0,
+                                             recovered_when="below", within_steps=100))
+    return base.model_copy(update={"stage": stage, "proposal": proposal,
+                                   "resolution": resolution, "decided_by": by})
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_proposal_report(language: str) -> None:
+    words = MESSAGES[language]
+    text = action_report(supervised("proposed"), language)
+    assert text.startswith(words["proposal_title"])
+    assert RUN in text and "grad_explosion" in text and "412.5" in text
+    assert "set_lr 1.0e-03 → 5.0e-04" in line_with(text, "⚙️")
+    expected = line_with(text, "🎯")
+    assert "grad_norm 412.5 → " in expected and words["expect_below"] + " 100" in expected
+    assert "100" in expected.split(words["expect_below"])[1]
+    deadline = line_with(text, "⏳")
+    assert "14:05:09" in deadline and words["timeout_drop"] in deadline
+    assert words["ack_pending"] not in text  # nothing is sent before an answer
+    listing = actions_report(RUN, [supervised("proposed")], language)
+    assert words["action_awaiting"].format(deadline="14:05:09") in listing
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_supervised_action_says_how_it_was_decided(language: str) -> None:
+    words = MESSAGES[language]
+    rejected = action_report(supervised("rejected", "rejected", "telegram:7@7"), language)
+    assert words["stage_rejected"] in rejected
+    assert words["resolution_rejected"].format(by="telegram:7@7") in rejected
+    assert words["ack_pending"] not in rejected and words["effect_pending"] not in rejected
+    dropped = action_report(supervised("dropped", "timeout_dropped", "timeout"), language)
+    assert words["resolution_timeout_dropped"] in dropped
+    acked = action_report(supervised("acked", "approved", "<telegram:7@7>"), language)
+    assert words["status_applied"] in acked and "&lt;telegram:7@7&gt;" in acked
+    assert words["resolution_approved"].format(by="&lt;telegram:7@7&gt;") in acked
+    listing = actions_report(RUN, [supervised("acked", "timeout_applied", "timeout")],
+                             language)
+    assert words["resolution_timeout_applied"] in listing
+    assert words["action_ack"].format(status=words["status_applied"]) in listing
+    # an unsupervised action reads as before
+    assert words["resolution"].split("{")[0] not in action_report(record("acked"), language)
 
 
 def test_html_escaping_of_data() -> None:

@@ -23,10 +23,14 @@ from services.core.schemas import (
     Event,
     Message,
     MetricsMessage,
+    Proposal,
+    Trigger,
     decode,
     encode,
 )
 from services.core.streams import PREFIX, RUNS_KEY, Stream, stream_key, tuner_key
+from services.notifier.planner import ReportPlanner
+from services.notifier.reports import MESSAGES
 from services.tuner import policy
 from services.tuner.config import (
     COMMAND_RULES,
@@ -35,6 +39,8 @@ from services.tuner.config import (
     load_tuner_config,
 )
 from services.tuner.service import ACTIONS_KEY, TunerService
+from tests.notifier_harness import RunningNotifier, notifier_settings
+from tests.telegram_stand_in import RecordedCall, TelegramStandIn
 
 TIMEOUT_S = 60.0
 
@@ -306,3 +312,208 @@ def test_a_restart_after_the_deadline_settles_the_proposal(client: redis.Redis,
     drive(tuner(client, run_id, supervised_config("drop"), clock), 1)
     assert stages(client, run_id) == ["proposed", "dropped"]
     assert read(client, run_id, Stream.COMMANDS, Command) == []
+
+
+# ---------------------------------------------------------------------------- the bot
+
+CHAT = 1001  # a private chat in the allow-list; its user (1001) is an admin
+GROUP = -1002  # a group in the allow-list
+MEMBER = 3003  # a group member who is not an admin
+OTHER_ADMIN = 5555
+SENDS = ("sendMessage", "sendPhoto", "sendAudio", "sendDocument")
+
+
+def _proposal_call(telegram: TelegramStandIn, chat_id: int, run_id: str) -> RecordedCall:
+    """The bot's message to ``chat_id`` with the buttons of a proposal about ``run_id``
+    (waits for it; the feed reports every run of the shared Redis)."""
+    def find(_: list[RecordedCall]) -> RecordedCall | None:
+        return next((c for c in telegram.calls("sendMessage", chat_id)
+                     if c.status == 200 and c.params.get("reply_markup")
+                     and run_id in str(c.params.get("text"))), None)
+
+    telegram.wait_for(find, 30)
+    call = find([])
+    assert call is not None
+    return call
+
+
+def _message_id(telegram: TelegramStandIn, chat_id: int, call: RecordedCall) -> int:
+    """The id the stand-in gave the bot's message ``call``: ids run in one sequence per chat
+    for the bot's messages and the users' (none pushed to the chat before this)."""
+    sent = [c for c in telegram.calls(None, chat_id)
+            if c.method in SENDS and c.status == 200 and c.at <= call.at]
+    return len(sent)
+
+
+def _press(telegram: TelegramStandIn, chat_id: int, user_id: int, data: str,
+           message_id: int) -> RecordedCall:
+    """Press a button; returns the bot's answerCallbackQuery to that press."""
+    mark = time.monotonic()
+    telegram.push_callback(chat_id, user_id, data, message_id)
+
+    def answered(_: list[RecordedCall]) -> RecordedCall | None:
+        return next((c for c in telegram.calls("answerCallbackQuery") if c.at > mark), None)
+
+    telegram.wait_for(answered, 30)
+    call = answered([])
+    assert call is not None
+    return call
+
+
+def _sent_text(telegram: TelegramStandIn, chat_id: int, *parts: str,
+               after: float = 0.0) -> str:
+    """The first text sent to ``chat_id`` after ``after`` that contains every part (waits)."""
+    def find(_: list[RecordedCall]) -> str | None:
+        return next((str(c.params["text"]) for c in telegram.calls("sendMessage", chat_id)
+                     if c.at > after and c.status == 200
+                     and all(part in str(c.params.get("text")) for part in parts)), None)
+
+    telegram.wait_for(find, 30)
+    text = find([])
+    assert text is not None
+    return text
+
+
+def _propose(client: redis.Redis, run_id: str) -> tuple[TunerService, ActionRecord]:
+    """A supervised tuner that has just proposed lowering the LR of an exploding run."""
+    client.sadd(RUNS_KEY, run_id)
+    explode(client, run_id, range(10))
+    service = tuner(client, run_id, supervised_config())
+    drive(service)
+    return service, proposed(client, run_id)
+
+
+def test_admin_approves_with_the_button(client: redis.Redis, run_id: str,
+                                        telegram: TelegramStandIn, redis_url: str,
+                                        tmp_path: Path) -> None:
+    words = MESSAGES["en"]
+    settings = notifier_settings(telegram, tmp_path, chat_ids=(CHAT, GROUP),
+                                 admin_ids=(CHAT, OTHER_ADMIN), language="en",
+                                 report_every_steps=1_000_000)
+    store = RunStore(client)
+    with RunningNotifier(settings, redis_url, telegram):
+        service, record = _propose(client, run_id)
+        call = _proposal_call(telegram, CHAT, run_id)
+        text = call.params["text"]
+        assert "The tuner proposes a change" in text and run_id in text
+        assert "grad_norm — grad_norm = 500, threshold 100" in text
+        assert "set_lr 1.0e-03 → 5.0e-04" in text
+        assert "grad_norm 500 → below 100 within 5 steps" in text
+        assert "without an answer the change will be applied" in text
+        buttons = call.params["reply_markup"]["inline_keyboard"][0]
+        assert [b["text"] for b in buttons] == [words["approve"], words["reject"]]
+        approve = buttons[0]["callback_data"]
+        assert approve.startswith("approve:") and len(approve.encode()) <= 64
+        assert record.action_id not in approve  # a token, looked up, not the ids
+        assert _proposal_call(telegram, GROUP, run_id)  # every allowed chat is asked
+        message_id = _message_id(telegram, CHAT, call)
+
+        # a non-admin's press is refused with an alert and writes nothing
+        refused = _press(telegram, GROUP, MEMBER, approve, message_id=1)
+        assert refused.params["text"] == words["refused_admin"]
+        assert refused.params["show_alert"] is True
+        assert client.xlen(stream_key(run_id, Stream.APPROVALS)) == 0
+        # a forged token is unknown
+        forged = _press(telegram, CHAT, CHAT, "approve:0123456789abcdef", message_id)
+        assert forged.params["text"] == words["approval_unknown"]
+
+        # the admin approves: the answer goes to the tuner, the message says who decided
+        mark = time.monotonic()
+        answered = _press(telegram, CHAT, CHAT, approve, message_id)
+        assert answered.params["text"] == words["approval_sent"]
+        [approval] = read(client, run_id, Stream.APPROVALS, Approval)
+        assert (approval.action_id, approval.approved, approval.by) == (
+            record.action_id, True, f"telegram:{CHAT}@{CHAT}")
+        telegram.wait_for(lambda _: any(c.at > mark for c in
+                                        telegram.calls("editMessageText", CHAT)), 30)
+        [edit] = [c for c in telegram.calls("editMessageText", CHAT) if c.at > mark]
+        assert edit.status == 200 and edit.params["message_id"] == message_id
+        assert "Approved by @tester" in edit.params["text"]
+        assert "set_lr 1.0e-03 → 5.0e-04" in edit.params["text"]
+        assert not edit.params.get("reply_markup")  # the buttons are gone
+
+        # the tuner sends the command; the trail goes on as without supervision
+        drive(service, 1)
+        [command] = read(client, run_id, Stream.COMMANDS, Command)
+        assert command.command_id == record.action_id and command.action == "set_lr"
+        publish(client, run_id, Stream.ACKS, Ack(run_id=run_id, command_id=command.command_id,
+                                                 action="set_lr", status="applied", step=9,
+                                                 before=1e-3, after=5e-4))
+        drive(service, 1)
+        assert stages(client, run_id) == ["proposed", "issued", "acked"]
+        acked = _sent_text(telegram, CHAT, "trainer answered", run_id)
+        assert f"Decision: approved (telegram:{CHAT}@{CHAT})" in acked
+
+        # another admin pressing later is told it is decided; nothing more is written
+        late = _press(telegram, GROUP, OTHER_ADMIN, approve, message_id=1)
+        assert late.params["text"] == words["approval_decided"].format(
+            resolution=f"approved (telegram:{CHAT}@{CHAT})")
+        assert client.xlen(stream_key(run_id, Stream.APPROVALS)) == 1
+        # /actions shows the decision and how the proposal was decided
+        latest = store.latest_actions(run_id, 5)
+        assert [r.stage for r in latest] == ["acked"]
+        mark = time.monotonic()
+        telegram.push_message(CHAT, f"/actions {run_id}")
+        listing = _sent_text(telegram, CHAT, "Latest tuner actions", after=mark)
+        assert f"approved (telegram:{CHAT}@{CHAT}) · ack: applied" in listing
+
+
+def test_admin_rejects_in_russian(client: redis.Redis, run_id: str,
+                                  telegram: TelegramStandIn, redis_url: str,
+                                  tmp_path: Path) -> None:
+    words = MESSAGES["ru"]
+    settings = notifier_settings(telegram, tmp_path, chat_ids=(CHAT,), admin_ids=(CHAT,),
+                                 language="ru", report_every_steps=1_000_000)
+    with RunningNotifier(settings, redis_url, telegram):
+        service, record = _propose(client, run_id)
+        call = _proposal_call(telegram, CHAT, run_id)
+        assert "Тюнер предлагает изменение" in call.params["text"]
+        assert "set_lr 1.0e-03 → 5.0e-04" in call.params["text"]
+        reject = call.params["reply_markup"]["inline_keyboard"][0][1]
+        assert reject["text"] == words["reject"]
+        mark = time.monotonic()
+        answered = _press(telegram, CHAT, CHAT, reject["callback_data"],
+                          _message_id(telegram, CHAT, call))
+        assert answered.params["text"] == words["approval_sent"]
+        telegram.wait_for(lambda _: any(c.at > mark for c in
+                                        telegram.calls("editMessageText", CHAT)), 30)
+        drive(service, 1)
+        assert read(client, run_id, Stream.COMMANDS, Command) == []
+        assert stages(client, run_id) == ["proposed", "rejected"]
+        # the end of the proposal is reported too
+        _sent_text(telegram, CHAT, run_id, words["stage_rejected"],
+                   f"отклонено (telegram:{CHAT}@{CHAT})")
+        assert record.action_id in {r.action_id for r in RunStore(client).latest_actions(
+            run_id, 5)}
+
+
+# ---------------------------------------------------------------------------- the planner
+
+
+def test_the_planner_asks_at_once_and_reports_the_end() -> None:
+    """A proposal is a notice with buttons at once; a rejected or dropped one is reported;
+    an approved one goes on as an issued command (reported with its ack)."""
+    trigger = Trigger(rule="grad_norm", metric="grad_norm", value=500.0, threshold=100.0,
+                      window=5)
+    command = Command(run_id="run-1", command_id="a1", action="set_lr", value=5e-4,
+                      source="tuner", reason=trigger)
+    proposal = Proposal(deadline=time.time() + 60, on_timeout="apply", current=1e-3)
+
+    def stage(name: str, action_id: str = "a1", **extra: object) -> ActionRecord:
+        return ActionRecord(run_id="run-1", action_id=action_id, stage=name, trigger=trigger,
+                            command=command, proposal=proposal, **extra)
+
+    clock = Clock()
+    planner = ReportPlanner("en", 1000, 3600.0, issued_grace_s=10.0, clock=clock)
+    [notice] = planner.observe(stage("proposed"))
+    assert notice.proposal == "a1" and "The tuner proposes a change" in notice.text
+    assert planner.observe(stage("proposed")) == []  # redelivered
+    assert planner.observe(stage("issued", resolution="approved", decided_by="x")) == []
+    assert planner.observe(stage("proposed")) == []  # late: the action is past it
+    assert len(planner.observe(stage("proposed", "a2"))) == 1
+    [rejected] = planner.observe(stage("rejected", "a2", resolution="rejected",
+                                       decided_by="telegram:1@1"))
+    assert rejected.proposal is None and "rejected (telegram:1@1)" in rejected.text
+    clock.now += 11
+    [late] = planner.tick()  # the approved command is reported as issued without an ack
+    assert "command issued" in late.text and "approved (x)" in late.text

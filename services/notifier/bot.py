@@ -6,6 +6,9 @@ ids. A mutating command becomes a ``schemas.Command`` with ``source="bot"``, val
 the same schema and bounds as the tuner's and the API's, written through the same
 ``RunStore``, and the bot replies with the trainer's ack. ``/stop`` asks for confirmation
 with a button that only the person who asked may press, and only for a short while.
+A supervised tuner proposal comes with Approve / Reject buttons (sent by the feed): any
+admin may answer, the answer goes to the tuner through ``RunStore.answer`` and the message
+then says who decided.
 
 Every reply goes through the ``Outbox`` (rate limits, retries); only answers to button
 presses go straight to Telegram, which expects them within seconds.
@@ -14,6 +17,7 @@ presses go straight to Telegram, which expects them within seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -26,6 +30,7 @@ from typing import Any
 
 import redis
 from aiogram import BaseMiddleware, F, Router
+from aiogram.exceptions import TelegramAPIError
 from aiogram.filters import Command as CommandFilter
 from aiogram.filters import CommandObject
 from aiogram.types import (
@@ -46,6 +51,7 @@ from services.core.schemas import (
     COMMAND_TTL_S,
     MAX_NOTE_CHARS,
     AlignmentReport,
+    Approval,
     Command,
     CommandAction,
     Event,
@@ -60,14 +66,17 @@ from services.notifier.delivery import Outbox
 from services.notifier.reports import (
     MAX_ACTIONS_SHOWN,
     MESSAGES,
+    Language,
     ack_report,
     actions_report,
     escape,
+    format_clock,
     format_command_value,
     format_percent,
     format_score,
     help_text,
     progress_report,
+    resolution_text,
     status_report,
     to_plain_text,
 )
@@ -84,6 +93,7 @@ MUTATING: dict[str, CommandAction] = {
 DEFAULT_ACTIONS = 5
 MAX_ACTIONS = 20
 STOP_DATA, CANCEL_DATA = "stop", "cancel"  # callback data prefixes of the /stop buttons
+APPROVE_DATA, REJECT_DATA = "approve", "reject"  # ... and of a proposal's buttons
 COMMAND_NAME = re.compile(r"^/([A-Za-z0-9_]+)(?:@\w+)?")
 BOT_MENU = ("status", "report", "alignment", "sample", "actions", "pause", "resume", "stop",
             "lr", "ga", "gate", "rollback", "help")
@@ -140,6 +150,15 @@ class BotContext:
         return self.outbox.send_text(chat_id, text, reply_markup=markup)
 
 
+def approval_markup(language: Language, token: str) -> InlineKeyboardMarkup:
+    """The Approve / Reject buttons of a proposal; ``token`` stands for run and action."""
+    words = MESSAGES[language]
+    return InlineKeyboardMarkup(inline_keyboard=[[
+        InlineKeyboardButton(text=words["approve"], callback_data=f"{APPROVE_DATA}:{token}"),
+        InlineKeyboardButton(text=words["reject"], callback_data=f"{REJECT_DATA}:{token}"),
+    ]])
+
+
 def command_name(text: str | None) -> str | None:
     """``"/lr@SmartTunerBot 1e-4"`` -> ``"lr"``; None for text that is not a command."""
     match = COMMAND_NAME.match(text or "")
@@ -179,7 +198,7 @@ class AccessMiddleware(BaseMiddleware):
             message = event.message
             chat_id = message.chat.id if message is not None else None
             user, what = event.from_user, f"button {event.data!r}"
-            mutating = True  # the only buttons confirm or cancel /stop
+            mutating = True  # every button changes something: /stop's, or a proposal's
         else:  # pragma: no cover - the router only registers messages and callbacks
             return await handler(event, data)
         user_id = user.id if user is not None else None
@@ -491,6 +510,54 @@ async def on_stop_answer(callback: CallbackQuery, ctx: BotContext) -> None:
     await submit(ctx, message, "stop", waiting.run_id)
 
 
+async def on_approval_answer(callback: CallbackQuery, ctx: BotContext) -> None:
+    """A proposal's Approve / Reject button (admins only: the middleware refuses others).
+
+    The answer is written for the tuner, which acts on the first one it reads; a press on a
+    proposal already decided is told how it ended and writes nothing. The message is then
+    edited to say who decided, without its buttons.
+    """
+    words = ctx.words
+    kind, _, token = (callback.data or "").partition(":")
+    approved = kind == APPROVE_DATA
+    target = await asyncio.to_thread(ctx.store.approval_target, token)
+    record = None if target is None else await asyncio.to_thread(ctx.store.latest_action,
+                                                                 *target)
+    if target is None or record is None:
+        ctx.metrics.commands.labels("approval", "unknown").inc()
+        await callback.answer(words["approval_unknown"], show_alert=True)
+        return
+    run_id, action_id = target
+    if record.stage != "proposed":
+        ctx.metrics.commands.labels("approval", "decided").inc()
+        ended = resolution_text(words, record) or words[f"stage_{record.stage}"]
+        await callback.answer(to_plain_text(words["approval_decided"].format(
+            resolution=ended)), show_alert=True)
+        return
+    user = callback.from_user
+    message = callback.message
+    chat_id = message.chat.id if message is not None else "?"
+    approval = Approval(run_id=run_id, action_id=action_id, approved=approved,
+                        by=f"telegram:{user.id}@{chat_id}")
+    await asyncio.to_thread(ctx.store.answer, approval)
+    log.info("run %s: proposal %s %s by %s", run_id, action_id,
+             "approved" if approved else "rejected", approval.by)
+    ctx.metrics.commands.labels("approval", "approved" if approved else "rejected").inc()
+    await callback.answer(words["approval_sent"])
+    if not isinstance(message, TgMessage):
+        return  # pragma: no cover - a message too old to edit; the answer is sent anyway
+    who = f"@{user.username}" if user.username else str(user.id)
+    line = words["approval_by_approved" if approved else "approval_by_rejected"].format(
+        who=escape(who), when=format_clock(time.time()))
+    try:
+        await message.edit_text(f"{message.html_text}\n{line}", parse_mode="HTML",
+                                reply_markup=None)
+    except TelegramAPIError as error:  # too long, or edited meanwhile: drop the buttons
+        log.info("proposal message not edited (%s); removing its buttons", error)
+        with contextlib.suppress(TelegramAPIError):
+            await message.edit_reply_markup(reply_markup=None)
+
+
 async def on_unknown(message: TgMessage, ctx: BotContext) -> None:
     """Any other command: point to /help."""
     ctx.metrics.commands.labels("unknown", "ok").inc()
@@ -517,4 +584,7 @@ def build_router(ctx: BotContext) -> Router:
     router.callback_query.register(
         on_stop_answer,
         F.data.startswith(f"{STOP_DATA}:") | F.data.startswith(f"{CANCEL_DATA}:"))
+    router.callback_query.register(
+        on_approval_answer,
+        F.data.startswith(f"{APPROVE_DATA}:") | F.data.startswith(f"{REJECT_DATA}:"))
     return router

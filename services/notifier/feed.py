@@ -7,6 +7,9 @@ Messages older than ``catch_up_s`` when first read only update the planner's mem
 notifier started on a week-old run catches up silently instead of replaying a week of
 reports. An entry is acked once its notices are queued in the outbox, which keeps retrying
 them; the outbox counts what finally fails.
+
+A supervised proposal goes out with Approve / Reject buttons; the buttons carry a short
+token that RunStore maps back to the run and the action (see ``bot.on_approval_answer``).
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ from services.core.runstore import RunStore
 from services.core.schemas import MessageError
 from services.core.streams import Stream
 from services.diagnostics.plots import latest_alignment_png
+from services.notifier.bot import approval_markup
 from services.notifier.delivery import Outbox
 from services.notifier.planner import Notice, ReportPlanner
 
 log = logging.getLogger(__name__)
 
 GROUP = "notifier"
+# How long an approval button's token is kept: well past any proposal's deadline, so a late
+# press is told how the proposal ended instead of "unknown".
+APPROVAL_TOKEN_TTL_S = 7 * 24 * 3600.0
 INPUT_STREAMS = (Stream.METRICS, Stream.DIAGNOSTICS, Stream.ACTIONS, Stream.EVENTS,
                  Stream.VERDICT)
 
@@ -95,8 +102,16 @@ class ReportFeed:
             except MessageError as error:
                 log.warning("run %s: no picture, snapshot does not decode: %s",
                             notice.run_id, error.reason)
+        markup = None
+        if notice.proposal is not None:
+            token = await asyncio.to_thread(self.store.approval_token, notice.run_id,
+                                            notice.proposal, APPROVAL_TOKEN_TTL_S)
+            markup = approval_markup(self.planner.language, token)
         for chat_id in self.chat_ids:
-            self.outbox.send_text(chat_id, notice.text)
+            if markup is None:
+                self.outbox.send_text(chat_id, notice.text)
+            else:
+                self.outbox.send_text(chat_id, notice.text, reply_markup=markup)
             if png is not None:
                 self.outbox.send_photo(chat_id, png, filename=f"{notice.run_id}-alignment.png")
         self.notices_sent += 1

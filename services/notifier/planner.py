@@ -8,6 +8,8 @@ The feed hands every metrics message, alignment report, tuner action and event o
 - each tuner decision once it has the trainer's ack, and again when its effect is measured;
   a decision whose ack has not come ``issued_grace_s`` after it was issued is reported as
   issued, so no decision ever goes unmentioned;
+- a supervised proposal at once, with Approve / Reject buttons (the notice names it), and
+  a rejected or dropped one when it ends;
 - every lifecycle and health event except routine healthy checkpoints, with the picture
   where alignment is the subject.
 """
@@ -39,6 +41,10 @@ ALIGNMENT_METRICS = frozenset(AlignmentScores.model_fields) | {"success_indicato
 # Events whose summary is about alignment (the indicators include it).
 PICTURE_EVENTS = frozenset({"indicators_met", "finished", "stopped"})
 MAX_TRACKED_ACTIONS = 200  # per run; the progress report shows the newest few
+# An action's stages in the order they happen; a record of a lower rank than the one known
+# is redelivered or late. A proposal ends as issued, rejected or dropped.
+STAGE_RANK = {"proposed": 0, "issued": 1, "rejected": 1, "dropped": 1, "acked": 2,
+              "measured": 3}
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class Notice:
     text: str
     picture: bool = False
     critical: bool = False
+    proposal: str | None = None  # the action id a person is asked to approve (buttons)
 
 
 @dataclass
@@ -155,8 +162,7 @@ class ReportPlanner:
     def _on_action(self, record: ActionRecord) -> list[Notice]:
         digest = self._digest(record.run_id)
         known = digest.actions.get(record.action_id)
-        order = ("issued", "acked", "measured")
-        if known is not None and order.index(record.stage) <= order.index(known.stage):
+        if known is not None and STAGE_RANK[record.stage] <= STAGE_RANK[known.stage]:
             return []  # a redelivered or out-of-order stage
         digest.actions[record.action_id] = record
         digest.actions.move_to_end(record.action_id)
@@ -168,7 +174,9 @@ class ReportPlanner:
             return []
         digest.unanswered.pop(record.action_id, None)
         picture = record.trigger.metric in ALIGNMENT_METRICS
-        return [Notice(record.run_id, action_report(record, self.language), picture=picture)]
+        proposal = record.action_id if record.stage == "proposed" else None
+        return [Notice(record.run_id, action_report(record, self.language), picture=picture,
+                       proposal=proposal)]
 
     def _on_event(self, event: Event) -> list[Notice]:
         digest = self._digest(event.run_id)

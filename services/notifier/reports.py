@@ -16,6 +16,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -28,8 +29,10 @@ from services.core.schemas import (
     AlignmentScores,
     Command,
     Event,
+    Expectation,
     MetricsMessage,
     ProbeReport,
+    Proposal,
     Trigger,
     probe_report,
 )
@@ -71,7 +74,9 @@ EVENT_ICONS: dict[str, str] = {
     "run_started": "🚀", "checkpoint_saved": "💾", "restart": "🔄", "red_flag": CRITICAL_MARK,
     "recovered": MET_MARK, "indicators_met": "🏆", "paused": "⏸️", "resumed": "▶️",
     "finished": "🏁", "stopped": "⏹️", "events_dropped": "⚠️", "critical": CRITICAL_MARK,
+    "approval_ignored": "🗳️",
 }
+PROPOSAL_MARK = "🗳️"
 
 MESSAGES: dict[Language, dict[str, str]] = {
     "ru": {
@@ -139,6 +144,33 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "stage_issued": "команда отправлена",
         "stage_acked": "тренер ответил",
         "stage_measured": "эффект измерен",
+        "stage_proposed": "ждёт решения",
+        "stage_rejected": "отклонено",
+        "stage_dropped": "снято без ответа",
+        "proposal_title": "🗳️ <b>Тюнер предлагает изменение</b> · нужно решение админа",
+        "proposal_change": "⚙️ Изменение: {action} {before} → {after}",
+        "proposal_action": "⚙️ Действие: {action}",
+        "proposal_expected": "🎯 Ожидаемый эффект: {metric} {before} → {direction} {target} "
+                             "за {steps} шагов после применения",
+        "expect_below": "ниже",
+        "expect_above": "выше",
+        "proposal_deadline": "⏳ Ответьте до {deadline} UTC; без ответа изменение будет "
+                             "{outcome}",
+        "timeout_apply": "применено",
+        "timeout_drop": "отброшено",
+        "resolution": "🗳️ Решение: {resolution}",
+        "resolution_approved": "одобрено ({by})",
+        "resolution_rejected": "отклонено ({by})",
+        "resolution_timeout_applied": "ответа не было — применено",
+        "resolution_timeout_dropped": "ответа не было — отброшено",
+        "action_awaiting": "ждёт решения до {deadline} UTC",
+        "approve": "✅ Одобрить",
+        "reject": "❌ Отклонить",
+        "approval_sent": "Ответ передан тюнеру.",
+        "approval_unknown": "Это предложение неизвестно или устарело.",
+        "approval_decided": "Уже решено: {resolution}.",
+        "approval_by_approved": "✅ Одобрил {who} ({when} UTC)",
+        "approval_by_rejected": "❌ Отклонил {who} ({when} UTC)",
         "status_applied": "применено",
         "status_rejected": "отклонено",
         "status_expired": "просрочено",
@@ -156,6 +188,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "event_events_dropped": "<b>Потеряны сообщения телеметрии</b>",
         "event_critical": "<b>Критическая ошибка</b>",
         "event_probes": "<b>Пробы синтеза</b>",
+        "event_approval_ignored": "<b>Ответ на предложение не учтён</b>",
         "event_step": " · шаг {step}",
         "data_line": "{key}: {value}",
         "summary_header": "🏁 <b>Индикаторы успеха</b>: {met}/{total}",
@@ -294,6 +327,33 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "stage_issued": "command issued",
         "stage_acked": "trainer answered",
         "stage_measured": "effect measured",
+        "stage_proposed": "awaiting approval",
+        "stage_rejected": "rejected",
+        "stage_dropped": "dropped unanswered",
+        "proposal_title": "🗳️ <b>The tuner proposes a change</b> · an admin's answer needed",
+        "proposal_change": "⚙️ Change: {action} {before} → {after}",
+        "proposal_action": "⚙️ Action: {action}",
+        "proposal_expected": "🎯 Expected effect: {metric} {before} → {direction} {target} "
+                             "within {steps} steps of applying it",
+        "expect_below": "below",
+        "expect_above": "above",
+        "proposal_deadline": "⏳ Answer by {deadline} UTC; without an answer the change will "
+                             "be {outcome}",
+        "timeout_apply": "applied",
+        "timeout_drop": "dropped",
+        "resolution": "🗳️ Decision: {resolution}",
+        "resolution_approved": "approved ({by})",
+        "resolution_rejected": "rejected ({by})",
+        "resolution_timeout_applied": "no answer in time — applied",
+        "resolution_timeout_dropped": "no answer in time — dropped",
+        "action_awaiting": "awaiting approval until {deadline} UTC",
+        "approve": "✅ Approve",
+        "reject": "❌ Reject",
+        "approval_sent": "Answer passed to the tuner.",
+        "approval_unknown": "This proposal is unknown or too old.",
+        "approval_decided": "Already decided: {resolution}.",
+        "approval_by_approved": "✅ Approved by {who} ({when} UTC)",
+        "approval_by_rejected": "❌ Rejected by {who} ({when} UTC)",
         "status_applied": "applied",
         "status_rejected": "rejected",
         "status_expired": "expired",
@@ -311,6 +371,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "event_events_dropped": "<b>Telemetry messages lost</b>",
         "event_critical": "<b>Critical error</b>",
         "event_probes": "<b>Inference probes</b>",
+        "event_approval_ignored": "<b>Answer to a proposal not counted</b>",
         "event_step": " · step {step}",
         "data_line": "{key}: {value}",
         "summary_header": "🏁 <b>Success indicators</b>: {met}/{total}",
@@ -525,6 +586,13 @@ def _action_line(words: Mapping[str, str], record: ActionRecord) -> str:
         change = ""
     ack_text = (words["action_ack"].format(status=words[f"status_{ack.status}"])
                 if ack is not None else words["action_no_ack"])
+    if record.stage == "proposed" and record.proposal is not None:
+        ack_text = words["action_awaiting"].format(
+            deadline=format_clock(record.proposal.deadline))
+    elif record.stage in ("rejected", "dropped"):
+        ack_text = resolution_text(words, record)
+    elif record.resolution is not None:
+        ack_text = f"{resolution_text(words, record)} · {ack_text}"
     effect_text = "" if effect is None else words["action_effect"].format(
         metric=escape(effect.metric), before=format_number(effect.before),
         after=format_number(effect.after), steps=effect.steps,
@@ -691,19 +759,68 @@ def _ack_lines(words: Mapping[str, str], command: Command, ack: Ack) -> list[str
     return lines
 
 
+def format_clock(ts: float) -> str:
+    """A unix time as the UTC time of day, e.g. ``14:05:09``."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
+
+
+def resolution_text(words: Mapping[str, str], record: ActionRecord) -> str:
+    """How a proposal ended, in words ("approved (telegram:1@1)"); "" if it was none."""
+    if record.resolution is None:
+        return ""
+    return words[f"resolution_{record.resolution}"].format(by=escape(record.decided_by))
+
+
+def _expected_line(words: Mapping[str, str], expected: Expectation) -> str:
+    return words["proposal_expected"].format(
+        metric=escape(expected.metric), before=format_number(expected.before),
+        direction=words[f"expect_{expected.recovered_when}"],
+        target=format_number(expected.target), steps=expected.within_steps)
+
+
+def proposal_report(record: ActionRecord, language: Language) -> str:
+    """A supervised proposal put to people: the trigger, the change (before → after), the
+    effect it should have, and until when an answer is awaited (and what silence does)."""
+    words = MESSAGES[language]
+    command = record.command
+    proposal = record.proposal or Proposal(deadline=command.expires_at or record.ts,
+                                           on_timeout="apply")
+    lines = [words["proposal_title"], words["run"].format(run_id=escape(record.run_id)),
+             _trigger_line(words, record.trigger)]
+    if command.value is None:
+        lines.append(words["proposal_action"].format(action=escape(command.action)))
+    else:
+        lines.append(words["proposal_change"].format(
+            action=escape(command.action),
+            before=format_command_value(command.action, proposal.current),
+            after=format_command_value(command.action, command.value)))
+    if command.note:
+        lines.append(words["note"].format(note=escape(command.note)))
+    if proposal.expected is not None:
+        lines.append(_expected_line(words, proposal.expected))
+    lines.append(words["proposal_deadline"].format(
+        deadline=format_clock(proposal.deadline),
+        outcome=words[f"timeout_{proposal.on_timeout}"]))
+    return "\n".join(lines)
+
+
 def ack_report(command: Command, ack: Ack, language: Language) -> str:
     """The trainer's answer to a person's command: status, step, before → after, detail."""
     return "\n".join(_ack_lines(MESSAGES[language], command, ack))
 
 
 def action_report(record: ActionRecord, language: Language) -> str:
-    """One tuner decision at its current stage (issued, acked or measured).
+    """One tuner decision at its current stage (issued, acked or measured; proposed, rejected
+    or dropped under supervision).
 
     The trigger (rule, metric, value, threshold, window), the command (action, value,
     source, note), the trainer's ack (status, step, before → after, detail) and the measured
     effect (metric before → after over N steps, recovered or not); an ack or effect not in
-    yet is shown as pending.
+    yet is shown as pending. A proposal is ``proposal_report``; a supervised action says how
+    its proposal was decided, and a rejected or dropped one ends there.
     """
+    if record.stage == "proposed":
+        return proposal_report(record, language)
     words = MESSAGES[language]
     command, ack, effect = record.command, record.ack, record.effect
     value = ("" if command.value is None
@@ -717,6 +834,10 @@ def action_report(record: ActionRecord, language: Language) -> str:
     ]
     if command.note:
         lines.append(words["note"].format(note=escape(command.note)))
+    if record.resolution is not None:
+        lines.append(words["resolution"].format(resolution=resolution_text(words, record)))
+    if record.stage in ("rejected", "dropped"):
+        return "\n".join(lines)  # nothing was sent: no ack or effect will come
     if ack is None:
         lines.append(words["ack_pending"])
     else:
