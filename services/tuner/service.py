@@ -538,8 +538,6 @@ class TunerService:
                                   decided_by=by)
             after = None
         messages.append((Stream.ACTIONS, record))
-        resolve_proposal(window, old.trigger.rule, old.action_id, old.command.action, applied,
-                         record.command.expires_at)
         answered_key = tuner_key(run_id, ANSWERED_KEY)
         actions = tuner_key(run_id, ACTIONS_KEY)
         ttl = self.config.service.issued_ttl_s
@@ -551,7 +549,11 @@ class TunerService:
                         pipe.unwatch()
                         log.warning("run %s: proposal %s was resolved meanwhile", run_id,
                                     old.action_id)
+                        self._reload_pending(run_id, old.action_id)
                         return
+                    # In the memory saved below; idempotent, so a retried round is harmless.
+                    resolve_proposal(window, old.trigger.rule, old.action_id,
+                                     old.command.action, applied, record.command.expires_at)
                     pipe.multi()
                     pipe.hset(answered_key, old.action_id, Answered(
                         resolution=resolution, by=by, answer_id=answer_id).model_dump_json())
@@ -576,6 +578,14 @@ class TunerService:
         log.info("run %s: proposal %s (%s %s) %s by %s", run_id, old.action_id,
                  old.command.action, "" if old.command.value is None else old.command.value,
                  resolution, by)
+
+    def _reload_pending(self, run_id: str, action_id: str) -> None:
+        """Take an action's pending state from Redis (another consumer changed it)."""
+        raw = self.client.hget(tuner_key(run_id, ACTIONS_KEY), action_id)
+        if raw is None:
+            self.pending[run_id].pop(action_id, None)
+        else:
+            self.pending[run_id][action_id] = PendingAction.model_validate_json(raw)
 
     def _ignore(self, run_id: str, window: RunWindow, approval: Approval, why: str) -> None:
         """Record an answer that changed nothing, once per answer (an event, for the trail)."""
