@@ -30,7 +30,9 @@ from services.trainer.dataset import (
 from services.trainer.distributed import DistInfo
 from services.trainer.probes import corpus_languages, frames_per_symbol
 
-log = logging.getLogger(__name__)
+# A child of the trainer's logger: what was logged by the trainer before the split still is
+# (a level or handler set on services.trainer.training covers it).
+log = logging.getLogger("services.trainer.training.feed")
 
 
 class Feed:

@@ -21,7 +21,9 @@ from services.trainer.probes import ProbeRunner, ProbeSummary, probes_for
 if TYPE_CHECKING:  # the Trainer composes this part; the part records through it
     from services.trainer.training import Trainer
 
-log = logging.getLogger(__name__)
+# A child of the trainer's logger: what was logged by the trainer before the split still is
+# (a level or handler set on services.trainer.training covers it).
+log = logging.getLogger("services.trainer.training.probing")
 
 
 def make_probe_runner(cfg: TrainConfig, feed: Feed) -> ProbeRunner | None:

@@ -1,9 +1,16 @@
-"""The training loop: data, steps, evaluation, checkpoints, the run's history and its verdict.
+"""The training loop: steps, evaluation and checkpoints in order, over parts that do the work.
 
 The loop is generic; what it composes does the rest:
 
+- the feed (services/trainer/feed.py): the datasets, the validation batch and the endless
+  stream of training batches, sharded per rank, from the position a resume restores;
 - the step engine (services/trainer/engine.py): forward, losses, grad norm, clipping and
   the optimizer step, on the model the loop hands it batches for;
+- checkpointing (services/trainer/checkpointing.py): what a checkpoint holds, where a
+  resume starts, the warm start, the health rule and the rollback to the last good one;
+- the probes (services/trainer/probing.py): an inference probe pass per checkpoint;
+- the verdicts (services/trainer/verdicts.py): every indicator at each evaluation, and
+  when all were first met;
 - the run folder (services/trainer/run_folder.py): the run record, metrics.jsonl, probe
   passes, the summary and the alignment plots;
 - the control between steps (services/trainer/lockstep.py): controllers, pause and stop,
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -38,15 +46,13 @@ from services.core import indicators
 from services.core.indicators import Verdict
 from services.trainer import distributed
 from services.trainer import text as text_frontend
-from services.trainer.checkpoints import (
-    CheckpointError,
-    CheckpointInfo,
-    CheckpointManager,
-    LoadedCheckpoint,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
+from services.trainer.checkpointing import (
+    RESUME_FROM,
+    Checkpointing,
+    apply_warm_start,
+    fork_rng,
 )
+from services.trainer.checkpoints import CheckpointInfo, LoadedCheckpoint
 from services.trainer.config import TrainConfig
 from services.trainer.dataset import Batch
 from services.trainer.engine import EvalResult, StepEngine, StepMetrics
@@ -74,12 +80,6 @@ from services.trainer.run_folder import (
     utc_now,
 )
 from services.trainer.verdicts import Verdicts, inference_checks, training_checks
-from services.trainer.warm_start import (
-    WarmStartError,
-    WarmStartReport,
-    describe,
-    merge_state_dicts,
-)
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,6 @@ __all__ = [
     "SetterCall", "StepMetrics", "Trainer", "TrainingController", "TrainingObserver",
     "inference_checks", "resolve_device", "training_checks",
 ]
-
-RESUME_FROM = ("latest", "last_good", "best")
 
 
 class TrainingObserver:
@@ -127,8 +125,8 @@ class TrainingController(Protocol):
 class delegate:  # noqa: N801 - used like ``property``
     """A trainer attribute that lives on one of its parts, read and written there.
 
-    The trainer's parts (feed, checkpointing, probing...) own their state; the names that
-    commands, tests and tools reach through the trainer keep working through these.
+    The parts (feed, engine, checkpointing, probing) own their state; the names commands,
+    tests and tools reach through the trainer keep working through these.
     """
 
     def __init__(self, part: str, name: str | None = None):
@@ -154,8 +152,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _postfix(metrics: StepMetrics, last_eval: EvalResult | None) -> dict[str, str]:
+    """The progress bar's numbers after a step."""
+    diag = last_eval.scores["diagonality"] if last_eval else math.nan
+    return {"loss": f"{metrics.loss:.3f}", "gnorm": f"{metrics.grad_norm:.2f}",
+            "diag": f"{diag:.2f}", "lr": f"{metrics.lr:.1e}"}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators: the data split and the initial weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 class Trainer:
-    """Owns one run: its data, step engine, checkpoints, run folder and the loop over them."""
+    """Owns one run: the loop over its feed, step engine, checkpoints, probes and verdicts."""
 
     def __init__(self, cfg: TrainConfig, data_dir: Path, run_dir: Path, *, resume: bool = False,
                  device: str = "auto", cache_dir: Path | None = None,
@@ -180,7 +192,9 @@ class Trainer:
         self.run_folder = RunFolder(self.run_dir, writer=self.is_main)  # rank 0's alone
         self.cfg.model.n_symbols = text_frontend.N_SYMBOLS
 
-        self._set_seed(cfg.run.seed)
+        # The order of what follows draws from the seeded generators: keep it (resumes
+        # and the two-rank test compare weights bit for bit).
+        seed_everything(cfg.run.seed)
         self.feed = Feed(cfg, self.data_dir, cache_dir or self.data_dir / ".features", self.dist,
                          progress=self.progress)
         model = Tacotron2(cfg.model, cfg.audio.n_mels).to(self.device)
@@ -188,43 +202,42 @@ class Trainer:
         self.engine = StepEngine(cfg, model, self.device, self.dist, fault)
         # The engine's parts that commands, tests and tools reach through the trainer.
         self.model, self.optimizer, self.lr = model, self.engine.optimizer, self.engine.lr
-        # Only rank 0 writes checkpoints; the others get what it loads by broadcast.
-        self.checkpoints: CheckpointManager | None = (
-            CheckpointManager(self.run_folder.checkpoint_dir, cfg.run.keep_last)
-            if self.is_main else None)
+        self.checkpointing = Checkpointing(cfg, self.run_folder, self.dist)
         self.verdicts = Verdicts(cfg.probes.enabled)
         self.control = make_control(self.dist)
 
+        # The loop's counters and history (a checkpoint keeps them; checkpointing.py).
         self.step = 0
         self.skipped_steps = 0
         self.last_step_seconds = 0.0
         self.overrides: list[dict[str, Any]] = []
         self.last_eval: EvalResult | None = None
+        # The finite steps' pre-clip norms the next evaluation's grad norm is judged on.
         self.recent_norms: deque[float] = deque(maxlen=cfg.run.eval_every)
-        self._skips_since_checkpoint = 0
-        self._max_norm_since_checkpoint = 0.0
         self._stop_requested = False
 
         if resume and resume_from not in RESUME_FROM:
             raise ValueError(f"resume_from must be one of {', '.join(RESUME_FROM)}")
         record = self.run_folder.open_record(resume, run_id) if self.is_main else None
-        loaded = self._find_resume_checkpoint(resume_from) if resume and self.is_main else None
+        loaded = (self.checkpointing.find_resume(resume_from)
+                  if resume and self.is_main else None)
         if self.dist.distributed:
             # Every rank takes rank 0's run identity and resumes from the same state.
             record, loaded = distributed.broadcast_object((record, loaded))
         assert record is not None
         self.run_state: RunRecord = record
         if loaded is not None:
-            self._restore(loaded)
+            self.checkpointing.restore(self, loaded)
         else:
-            self._fork_rng()
-        self.warm_start_report = self._warm_start(warm_start, ignore_layers,
-                                                  resumed=loaded is not None)
+            fork_rng(self.dist, cfg.run.seed, self.step)
+        self.warm_start_report = apply_warm_start(
+            self.model, cfg, self.dist, self.run_folder, warm_start, ignore_layers,
+            resumed=loaded is not None, step=self.step)
         self.run_folder.write_config(cfg)
         log.info("model: %s parameters, device %s, run %s", f"{count_parameters(self.model):,}",
                  self.device, self.run_state.run_id)
 
-    # The feed's data and position under the names tests and tools know.
+    # The parts' state under the names commands, tests and tools know.
     store = delegate("feed")
     train_set = delegate("feed")
     val_batch = delegate("feed")
@@ -232,157 +245,18 @@ class Trainer:
     frames_per_symbol = delegate("feed")
     epoch = delegate("feed")
     batch_in_epoch = delegate("feed")
+    gate_positive_weight = delegate("engine")
+    checkpoints = delegate("checkpointing", "manager")  # None on ranks other than 0
     probes = delegate("probing", "runner")
     last_probes = delegate("probing", "last")
 
-    @property
-    def gate_positive_weight(self) -> float:
-        """The stop token's positive weight in the gate loss (the engine's)."""
-        return self.engine.gate_positive_weight
-
-    @gate_positive_weight.setter
-    def gate_positive_weight(self, value: float) -> None:
-        self.engine.gate_positive_weight = value
-
-    # ---------------------------------------------------------------- set-up
-
-    def _fork_rng(self) -> None:
-        """Ranks other than 0 draw their own dropout masks, from a seed fixed by the step."""
-        if self.dist.distributed and not self.is_main:
-            torch.manual_seed(distributed.rank_seed(self.cfg.run.seed, self.dist.rank,
-                                                    self.step))
-
-    @staticmethod
-    def _set_seed(seed: int) -> None:
-        import random
-
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-
-    # ---------------------------------------------------------------- checkpoints
+    def _batches(self) -> Iterator[Batch]:
+        """The feed's endless batches (services/trainer/feed.py), from where it stands."""
+        return self.feed.batches()
 
     def _state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            **self.feed.state_dict(),
-            "skipped_steps": self.skipped_steps,
-            **self.engine.state_dict(),
-            "rng": capture_rng_state(),
-            "overrides": list(self.overrides),
-            "config": self.cfg.model_dump(mode="json"),
-            "run_id": self.run_state.run_id,
-            "recent_norms": list(self.recent_norms),
-            # Synthesis needs the feature normalisation the model was trained with.
-            "mel_mean": np.asarray(self.store.mean, dtype=np.float32),
-            "mel_std": np.asarray(self.store.std, dtype=np.float32),
-        }
-
-    def _restore(self, loaded: LoadedCheckpoint) -> None:
-        state = loaded.state
-        trained_symbols = int(state["config"]["model"]["n_symbols"])
-        if trained_symbols != self.cfg.model.n_symbols:
-            # Resuming needs the optimizer's moments for every embedding row too: a
-            # different table cannot continue; a warm start copies what still fits.
-            raise ValueError(
-                f"{loaded.info.file}: trained with a symbol table of {trained_symbols} "
-                f"symbols, this front-end has {self.cfg.model.n_symbols} (the stress "
-                f"symbol {text_frontend.STRESS!r} was added after it); it cannot be resumed "
-                f"- start a new run with --warm-start {loaded.info.file}, which keeps every "
-                "weight and extends the embedding")
-        self.engine.load_state_dict(state)
-        self.step = int(state["step"])
-        self.feed.load_state_dict(state)
-        self.skipped_steps = int(state["skipped_steps"])
-        self.overrides = list(state["overrides"])
-        self.recent_norms.clear()
-        self.recent_norms.extend(state.get("recent_norms", []))
-        restore_rng_state(state["rng"])
-        self._fork_rng()  # rank 0 continues the saved stream, the others fork their own
-        log.info("resumed from %s at step %d", loaded.info.file, self.step)
-
-    def _warm_start(self, source: Path | None, ignore_layers: Sequence[str], resumed: bool
-                    ) -> WarmStartReport | None:
-        """Start from another run's weights (services/trainer/warm_start.py), at step 0 only.
-
-        A run resumed from its own checkpoint (a restart under the supervisor) keeps its
-        weights: the warm start is ignored, and the one it had is read back from the run
-        folder. Rank 0 reads the checkpoint; every rank loads the same merged weights.
-        """
-        record = self.run_folder.warm_start_file
-        if source is None or resumed:
-            if source is not None:
-                log.info("--warm-start %s ignored: resumed from this run's own checkpoint "
-                         "at step %d", source, self.step)
-            if not self.is_main:
-                return None
-            if resumed:
-                return (WarmStartReport.model_validate_json(record.read_text())
-                        if record.is_file() else None)
-            record.unlink(missing_ok=True)  # a new run in an old folder: not warm-started
-            return None
-        # Rank 0's merged weights and report, or its error: the other ranks must not wait
-        # for weights that never come.
-        payload: tuple[dict[str, torch.Tensor], WarmStartReport] | WarmStartError | None = None
-        if self.is_main:
-            try:
-                loaded = load_checkpoint(source)
-                weights = loaded.state.get("model")
-                if not isinstance(weights, dict):
-                    raise CheckpointError("no 'model' weights in it")
-            except (OSError, CheckpointError) as error:
-                payload = WarmStartError(f"--warm-start {source}: {error}")
-            else:
-                ours = {name: value.cpu() for name, value in self.model.state_dict().items()}
-                merged, report = merge_state_dicts(ours, weights, ignore_layers)
-                report.source, report.source_step = str(source), loaded.info.step
-                payload = merged, report
-                theirs = loaded.state.get("config", {}).get("audio")
-                if theirs is not None and theirs != self.cfg.audio.model_dump(mode="json"):
-                    log.warning("--warm-start %s was trained on other audio features; its "
-                                "weights expect those", source)
-        if self.dist.distributed:
-            payload = distributed.broadcast_object(payload)
-        if isinstance(payload, WarmStartError):
-            raise payload
-        assert payload is not None
-        merged, report = payload
-        self.model.load_state_dict(merged)
-        log.info("%s", describe(report))
-        if report.unused_ignore_layers:
-            log.warning("--ignore-layers %s matched no layer of the model",
-                        ", ".join(report.unused_ignore_layers))
-        if self.is_main:
-            record.write_text(report.model_dump_json(indent=2))
-        return report
-
-    def _find_resume_checkpoint(self, resume_from: str) -> LoadedCheckpoint | None:
-        assert self.checkpoints is not None
-        match resume_from:
-            case "latest":
-                loaded = self.checkpoints.latest()
-            case "best":  # the one that spoke the probes best; else as last_good
-                loaded = (self.checkpoints.best() or self.checkpoints.last_good()
-                          or self.checkpoints.latest())
-            case _:
-                loaded = self.checkpoints.last_good() or self.checkpoints.latest()
-        if loaded is None:
-            log.warning("--resume: no valid checkpoint in %s; starting from step 0",
-                        self.checkpoints.directory)
-        return loaded
-
-    def _healthy(self) -> bool:
-        """Whether the state about to be saved may serve as the rollback target."""
-        if self._skips_since_checkpoint or not math.isfinite(self._max_norm_since_checkpoint):
-            return False
-        if self._max_norm_since_checkpoint > indicators.GRAD_NORM_RED_FLAG:
-            return False
-        result = self.last_eval
-        if result is None or not math.isfinite(result.losses["objective"]):
-            return False
-        # Once aligned, a checkpoint that lost the alignment is no rollback target.
-        return not (self.run_state.aligned_once
-                    and result.scores["diagonality"] < indicators.DIAGONALITY_WEAK)
+        """What a checkpoint of this moment holds (services/trainer/checkpointing.py)."""
+        return self.checkpointing.state(self)
 
     def save_checkpoint(self) -> CheckpointInfo:
         """Save now (atomic); also writes the validation alignment plot for this step.
@@ -390,24 +264,7 @@ class Trainer:
         Rank 0's job in a distributed run: every rank holds the same state, and one writer
         keeps the checkpoint directory consistent.
         """
-        if self.checkpoints is None:
-            raise RuntimeError(f"rank {self.dist.rank} does not write checkpoints; rank 0 does")
-        if self.last_eval is None or self.last_eval.step != self.step:
-            self.evaluate()
-        assert self.last_eval is not None
-        metrics = dict(self.last_eval.losses) | dict(self.last_eval.scores)
-        info = self.checkpoints.save(self._state(), self.step, self._healthy(), metrics)
-        if self.run_state.consecutive_restarts and info.healthy:
-            # Progress after a restart: the crash loop, if any, is over.
-            self.run_state.consecutive_restarts = 0
-            self.run_folder.save_record(self.run_state)
-        self._skips_since_checkpoint = 0
-        self._max_norm_since_checkpoint = 0.0
-        self.run_folder.save_alignment_plot(self.last_eval)
-        self.probing.submit(self.model, self.step)
-        for observer in self.observers:
-            observer.on_checkpoint(self, info)
-        return info
+        return self.checkpointing.save(self)
 
     # ---------------------------------------------------------------- run-time setters
 
@@ -453,22 +310,16 @@ class Trainer:
                  ) -> CheckpointInfo | None:
         """Restore the weights and data position of the last good checkpoint.
 
-        The run-time settings (LR, guided attention weight, clip threshold, gate weight)
-        and the history (overrides, skipped-step count) stay as they are now: a rollback is
-        usually paired with a corrective setting, which must not be undone by it.
-        ``checkpoint`` restores that one instead: how the other ranks follow rank 0's.
+        The run-time settings and the history stay as they are now (a rollback is usually
+        paired with a corrective setting, which must not be undone by it); see
+        ``Checkpointing.rollback``. ``checkpoint`` restores that one instead: how the
+        other ranks follow rank 0's.
         """
-        loaded = checkpoint
-        if loaded is None and self.checkpoints is not None:
-            loaded = self.checkpoints.last_good()
+        step = self.step
+        loaded = self.checkpointing.rollback(self, checkpoint)
         if loaded is None:
             return None
-        kept = (list(self.overrides), self.skipped_steps, self.step, self.engine.settings())
-        self._restore(loaded)
-        self.overrides, self.skipped_steps, step, settings = kept
-        self.engine.restore_settings(settings)
         self._record_override("rollback", float(step), float(self.step), source)
-        self._skips_since_checkpoint = 0
         self.control.share(SetterCall("rollback", None, source, loaded))
         return loaded.info
 
@@ -495,13 +346,11 @@ class Trainer:
         """
         started = time.perf_counter()
         out = self.engine.step(batch, self.step)
+        self.checkpointing.health.note_step(out.finite, out.grad_norm)
         if out.finite:
             self.recent_norms.append(out.grad_norm)
-            self._max_norm_since_checkpoint = max(self._max_norm_since_checkpoint,
-                                                  out.grad_norm)
         else:
             self.skipped_steps += 1
-            self._skips_since_checkpoint += 1
             log.warning("step %d skipped: non-finite %s (loss %s, grad norm %s); %d skipped so far",
                         self.step, "gradients" if out.loss_finite else "loss", out.total,
                         out.grad_norm, self.skipped_steps)
@@ -521,7 +370,7 @@ class Trainer:
     def evaluate(self) -> EvalResult:
         """Teacher-forced losses and alignment scores on the fixed validation batch."""
         self.verdicts.settle(self, force=True)  # the previous evaluation's, if it still waits
-        result = self.engine.evaluate(self.val_batch, self.step)
+        result = self.engine.evaluate(self.feed.val_batch, self.step)
         result.window_grad_norm = max(self.recent_norms) if self.recent_norms else math.inf
         result.window_steps = len(self.recent_norms)
         self.last_eval = result
@@ -534,12 +383,6 @@ class Trainer:
             observer.on_eval(self, result)
         self.verdicts.due = result.step
         return result
-
-    def _batches(self) -> Iterator[Batch]:
-        """The feed's endless batches (services/trainer/feed.py), from where it stands."""
-        return self.feed.batches()
-
-    # ---------------------------------------------------------------- the verdict
 
     def verdict(self) -> Verdict:
         """The run against every indicator at the latest evaluation (one is made if none);
@@ -608,7 +451,7 @@ class Trainer:
                     self.save_checkpoint()
                 self.verdicts.settle(self)
                 bar.n = self.step  # a rollback moves the step back
-                bar.set_postfix(self._postfix(metrics), refresh=False)
+                bar.set_postfix(_postfix(metrics, self.last_eval), refresh=False)
                 bar.update(0)
                 if stop_reason != "indicators_met" and time.perf_counter() > deadline:
                     stop_reason = "time_limit"
@@ -643,11 +486,6 @@ class Trainer:
         summary = self.summary(stop_reason, time.perf_counter() - started)
         self.run_folder.write_summary(summary)
         return summary
-
-    def _postfix(self, metrics: StepMetrics) -> dict[str, str]:
-        diag = self.last_eval.scores["diagonality"] if self.last_eval else math.nan
-        return {"loss": f"{metrics.loss:.3f}", "gnorm": f"{metrics.grad_norm:.2f}",
-                "diag": f"{diag:.2f}", "lr": f"{metrics.lr:.1e}"}
 
     def summary(self, stop_reason: str, seconds: float) -> dict[str, Any]:
         """Final report: where the run stands against each indicator (the verdict)."""

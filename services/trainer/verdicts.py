@@ -22,7 +22,9 @@ from services.trainer.probes import ProbeSummary
 if TYPE_CHECKING:  # the Trainer composes this part; the part reads the run through it
     from services.trainer.training import Trainer
 
-log = logging.getLogger(__name__)
+# A child of the trainer's logger: what was logged by the trainer before the split still is
+# (a level or handler set on services.trainer.training covers it).
+log = logging.getLogger("services.trainer.training.verdicts")
 
 
 def training_checks(result: EvalResult, restarts: int) -> list[Indicator]:
