@@ -62,7 +62,7 @@ class AlignmentRule(_Section):
     A weight below ``rescue_weight`` (guided attention off, or too weak) jumps straight to
     it instead of creeping up by ``ga_factor``; and such a run does not wait for the whole
     warm-up when its alignment has not moved at all: from ``early_steps`` on, reports that
-    are all below ``low`` and within ``flat_delta`` of each other are enough.
+    are all below ``low`` and have not risen by ``flat_delta`` are enough.
     """
 
     low: float = Field(indicators.DIAGONALITY_WEAK, gt=0, le=1)
@@ -73,7 +73,7 @@ class AlignmentRule(_Section):
     early_steps: int = Field(100, ge=0, description="a run below rescue_weight whose "
                              "alignment has not moved is acted on from this step")
     flat_delta: float = Field(0.02, gt=0, lt=1, description="'not moved': the diagonality "
-                              "of the reports spans less than this")
+                              "has risen by less than this over the reports")
     cooldown_steps: int = Field(300, ge=1)
     red_flag: float = Field(indicators.DIAGONALITY_RED_FLAG, ge=0, lt=1)
     recover_above: float = Field(0.2, gt=0, le=1, description="hysteresis level of the red "

@@ -348,7 +348,8 @@ def _alignment(b: _Builder) -> list[Decision]:
     if len(reports) < cfg.min_reports:
         return []
     values = [r.scores.diagonality for r in reports]
-    stuck = weight < cfg.rescue_weight and max(values) - min(values) < cfg.flat_delta
+    # "Not moved": not risen by flat_delta over the reports (falling counts as stuck too).
+    stuck = weight < cfg.rescue_weight and values[-1] - values[0] < cfg.flat_delta
     start = min(cfg.early_steps, b.config.warmup_steps) if stuck else b.config.warmup_steps
     since = window.memory.last_fired.get(RULE_ALIGNMENT, -1)
     if window.step < start or not all(
