@@ -39,6 +39,7 @@ from services.tuner.policy import (
     RULE_GRAD_NORM,
     RULE_INDICATORS,
     RULE_INFERENCE,
+    RULE_LEARNING_RATE,
     RULE_NON_FINITE,
     RULE_PLATEAU,
     Decision,
@@ -753,6 +754,49 @@ def test_a_gate_that_never_fires_gets_a_heavier_positive_weight() -> None:
     sim.probes(95.0, never_fired=0)
     effect = measure_effect(sim.window, again.measure, again.step, 100)
     assert effect.after == 95.0 and effect.recovered
+
+
+@pytest.mark.parametrize("lr", [1e-2, 1e-5])
+def test_an_lr_far_from_one_that_aligns_is_set_to_it_when_nothing_aligns(lr: float) -> None:
+    """Issue 12: lr 1e-2 (diverges or never aligns) and 1e-5 (crawls) with guided attention
+    on: once three reports from early_steps on show no alignment and no rise, the LR is set
+    to one known to align, at once (the grad-norm and plateau rules would take hundreds to
+    thousands of steps of halvings, and never raise it)."""
+    config = TunerConfig()
+    sim = Sim(config, lr=lr, ga=config.alignment.rescue_weight)
+    sim.run(config.alignment.early_steps + 1)
+    for diagonality in (0.06, 0.05, 0.06):
+        sim.report(diagonality)
+        sim.run(25)
+    [raised] = only(sim.decisions, RULE_LEARNING_RATE, "set_lr")
+    assert raised.value == config.learning_rate.aligns == command_bounds.LR_ALIGNS
+    assert raised.trigger.metric == "diagonality"
+    # one decision per episode: the cooldown and the new LR keep it quiet
+    for _ in range(5):
+        sim.report(0.05)
+        sim.run(25)
+    assert len(only(sim.decisions, RULE_LEARNING_RATE)) == 1
+
+
+def test_the_lr_rule_leaves_aligning_runs_good_lrs_and_missing_guided_attention_alone(
+        ) -> None:
+    config = TunerConfig()
+    rising = Sim(config, lr=1e-2, ga=1.0)  # aligning, if slowly: not this rule's
+    rising.run(config.alignment.early_steps + 1)
+    for diagonality in (0.05, 0.1, 0.15, 0.2):
+        rising.report(diagonality)
+        rising.run(25)
+    good = Sim(config, lr=2e-3, ga=1.0)  # within the band: the LR is not the problem
+    good.run(config.alignment.early_steps + 1)
+    off = Sim(config, lr=1e-2, ga=0.0)  # guided attention off: the alignment rule's turn
+    off.run(config.alignment.early_steps + 1)
+    for sim in (good, off):
+        for _ in range(3):
+            sim.report(0.05)
+            sim.run(25)
+    assert [only(s.decisions, RULE_LEARNING_RATE) for s in (rising, good, off)] == [[], [], []]
+    assert [d.action for d in only(off.decisions, RULE_ALIGNMENT)] == [
+        "set_guided_attention_weight"]
 
 
 def test_a_gate_weight_far_too_low_jumps_to_one_that_stops_after_one_pass() -> None:

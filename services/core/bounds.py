@@ -26,10 +26,21 @@ GRAD_CLIP_MAX = 1000.0
 # than the others; far above ~100 the gate fires everywhere.
 GATE_POS_WEIGHT_MIN = 1.0
 GATE_POS_WEIGHT_MAX = 100.0
+# The spike guard's factor: a step whose pre-clip grad norm exceeds factor x the median of
+# the recent norms is not applied. 0 switches it off. Below 3 it would withhold ordinary
+# steps (a healthy run's norms wander 2-3x around their median, warm-up more); above 1000
+# it would let through the very spikes it is for.
+SPIKE_GUARD_OFF = 0.0
+SPIKE_GUARD_MIN = 3.0
+SPIKE_GUARD_MAX = 1000.0
 # The LR a schedule decays to by default and the lowest the tuner lowers it to: below it a
 # Tacotron2 learns too slowly to matter, so a plateau there stops the run instead. Commands
 # from a person may still go down to LR_MIN.
 LR_FLOOR = 1e-5
+# A learning rate known to align Tacotron2 (NVIDIA/tacotron2's, and the tiny preset's:
+# bench/alignment.py aligned in ~100 steps with it, not in 427 with 1e-4). The tuner sets
+# it when a run far from it has not aligned at all.
+LR_ALIGNS = 1e-3
 # The guided attention weight the presets train with: known to align them (bench/alignment.py
 # measured ~100 steps on the demo corpus). The tuner jumps to it from a weight below it.
 GA_WEIGHT_ALIGNS = 1.0
@@ -39,14 +50,22 @@ GATE_WEIGHT_STOPS = 5.0
 
 @dataclass(frozen=True)
 class Bounds:
-    """A closed interval ``[low, high]`` of finite values."""
+    """A closed interval ``[low, high]`` of finite values, and maybe one value outside it
+    that switches the knob off (``off``: the spike guard's 0; the values between 0 and its
+    low end would be a guard that withholds healthy steps, so they are refused)."""
 
     low: float
     high: float
+    off: float | None = None
 
     def contains(self, value: float) -> bool:
-        """Whether ``value`` is finite and within the interval."""
-        return math.isfinite(value) and self.low <= value <= self.high
+        """Whether ``value`` is finite and within the interval, or the ``off`` value."""
+        return math.isfinite(value) and (self.low <= value <= self.high or value == self.off)
+
+    def describe(self) -> str:
+        """The accepted values in words: ``[3, 1000] or 0 (off)``."""
+        text = f"[{self.low:g}, {self.high:g}]"
+        return text if self.off is None else f"{text} or {self.off:g} (off)"
 
 
 # Action -> the interval its value must lie in; exactly the actions that take a value.
@@ -55,6 +74,7 @@ VALUE_BOUNDS: Mapping[str, Bounds] = MappingProxyType({
     "set_guided_attention_weight": Bounds(GA_WEIGHT_MIN, GA_WEIGHT_MAX),
     "set_grad_clip": Bounds(GRAD_CLIP_MIN, GRAD_CLIP_MAX),
     "set_gate_positive_weight": Bounds(GATE_POS_WEIGHT_MIN, GATE_POS_WEIGHT_MAX),
+    "set_spike_guard": Bounds(SPIKE_GUARD_MIN, SPIKE_GUARD_MAX, off=SPIKE_GUARD_OFF),
 })
 if set(VALUE_BOUNDS) != VALUE_ACTIONS:  # pragma: no cover - guards an edit of either list
     raise RuntimeError("VALUE_BOUNDS must bound exactly schemas.VALUE_ACTIONS")
@@ -70,7 +90,7 @@ def check_value(action: str, value: float | None) -> str | None:
     if not math.isfinite(value):
         return f"{action} value {value} is not a finite number"
     if not bounds.contains(value):
-        return f"{action} value {value:g} is outside [{bounds.low:g}, {bounds.high:g}]"
+        return f"{action} value {value:g} is outside {bounds.describe()}"
     return None
 
 

@@ -147,6 +147,18 @@ class InferenceRule(_Section):
     cooldown_steps: int = Field(200, ge=1)
 
 
+class LearningRateRule(_Section):
+    """No alignment at all although guided attention is on, and an LR far from one known to
+    align (1e-2 diverges or never aligns, 1e-5 crawls): set that LR, at once."""
+
+    aligns: float = Field(command_bounds.LR_ALIGNS, gt=0, description="the LR to set")
+    band: float = Field(3.0, gt=1, description="an LR within aligns / band .. aligns x band "
+                        "is left alone")
+    min_reports: int = Field(3, ge=1, description="consecutive reports below alignment.low, "
+                             "not risen by alignment.flat_delta")
+    cooldown_steps: int = Field(300, ge=1)
+
+
 class TunerBounds(_Section):
     """What the tuner may command: within the trainer's own bounds (services.core.bounds)."""
 
@@ -182,7 +194,7 @@ class TunerBounds(_Section):
 # The rules that send commands (services.tuner.policy's RULE_* names; the policy imports
 # this module, so the names are spelt here and a test checks they match).
 COMMAND_RULES = frozenset({"restarts", "non_finite", "grad_norm", "plateau", "alignment",
-                           "anneal", "inference"})
+                           "learning_rate", "anneal", "inference"})
 # A crash loop's stop is a safety net, not a tuning choice: not asked about unless listed.
 SUPERVISED_BY_DEFAULT = COMMAND_RULES - {"restarts"}
 
@@ -243,6 +255,7 @@ class TunerConfig(_Section):
     restarts: RestartsRule = Field(default_factory=RestartsRule)
     anneal: AnnealRule = Field(default_factory=AnnealRule)
     inference: InferenceRule = Field(default_factory=InferenceRule)
+    learning_rate: LearningRateRule = Field(default_factory=LearningRateRule)
     bounds: TunerBounds = Field(default_factory=TunerBounds)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     supervised: SupervisedConfig = Field(default_factory=SupervisedConfig)

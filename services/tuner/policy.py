@@ -41,6 +41,7 @@ RULE_ALIGNMENT_RED_FLAG = "alignment_red_flag"
 RULE_ANNEAL = "anneal"
 RULE_INDICATORS = "indicators"
 RULE_INFERENCE = "inference"
+RULE_LEARNING_RATE = "learning_rate"
 
 # An LR within this relative distance of the floor counts as at the floor (float noise).
 _AT_FLOOR = 1e-6
@@ -373,6 +374,38 @@ def _alignment(b: _Builder) -> list[Decision]:
     return [b.command(RULE_ALIGNMENT, trigger, "set_guided_attention_weight", new, measure)]
 
 
+def _learning_rate(b: _Builder) -> list[Decision]:
+    """Guided attention on at a weight known to align, yet from ``alignment.early_steps`` on
+    the alignment has not moved, with an LR far from one known to align: set that LR."""
+    cfg, align = b.config.learning_rate, b.config.alignment
+    window = b.window
+    lr, weight = window.lr, window.ga_weight
+    if lr is None or weight is None or weight < align.rescue_weight \
+            or cfg.aligns / cfg.band <= lr <= cfg.aligns * cfg.band:
+        return []
+    reports = window.last_reports(cfg.min_reports)
+    # Reports judged after the last change of the LR or of the guided attention weight:
+    # a weight the alignment rule has just raised gets its chance first.
+    since = max(window.memory.last_fired.get(RULE_LEARNING_RATE, -1),
+                window.memory.last_fired.get(RULE_ALIGNMENT, -1))
+    if len(reports) < cfg.min_reports or window.step < align.early_steps:
+        return []
+    values = [r.scores.diagonality for r in reports]
+    if values[-1] - values[0] >= align.flat_delta or not all(
+            r.step >= align.early_steps and r.step > since and r.scores.diagonality < align.low
+            for r in reports):
+        return []
+    new = min(b.config.bounds.lr_max, max(b.config.bounds.lr_min, cfg.aligns))
+    if not b.can_command(RULE_LEARNING_RATE, ("set_lr",), cfg.cooldown_steps):
+        return []
+    latest = values[-1]
+    trigger = Trigger(rule=RULE_LEARNING_RATE, metric="diagonality", value=latest,
+                      threshold=align.low, window=reports[-1].step - reports[0].step)
+    measure = Measure(metric="diagonality", before=latest, target=align.low,
+                      recovered_when="above")
+    return [b.command(RULE_LEARNING_RATE, trigger, "set_lr", new, measure)]
+
+
 def _inference(b: _Builder) -> list[Decision]:
     """Aligned teacher-forced, but on the last probe passes the gate mostly never fired:
     raise the gate's positive weight (a gate that fires too early is not this rule's)."""
@@ -475,7 +508,7 @@ def _indicators(b: _Builder) -> list[Decision]:
 
 # Priority order: a rule earlier in the list gets a setting first when two want it.
 _COMMAND_RULES: tuple[Callable[[_Builder], list[Decision]], ...] = (
-    _non_finite, _grad_norm, _plateau, _alignment, _anneal, _inference)
+    _non_finite, _grad_norm, _plateau, _alignment, _learning_rate, _anneal, _inference)
 _EVENT_RULES: tuple[Callable[[_Builder], list[Decision]], ...] = (
     _alignment_red_flag, _indicators)
 
