@@ -81,6 +81,14 @@ class MetricsMessage(Message):
     skipped_steps: int = Field(ge=0)
     # Optional: trainers before the gate knob existed did not send it.
     gate_positive_weight: float | None = Field(default=None, gt=0)
+    # Optional: trainers before the spike guard existed did not send these.
+    spike_guard: float | None = Field(default=None, ge=0, description="the spike guard's "
+                                      "factor (0: off): a step whose pre-clip norm exceeds "
+                                      "it x the recent median is not applied")
+    guarded: bool | None = Field(default=None, description="this step's gradients were "
+                                 "finite but the spike guard withheld the update")
+    guarded_steps: int | None = Field(default=None, ge=0, description="steps withheld by "
+                                      "the spike guard so far in this run")
 
 
 class AttentionSample(BaseModel):
@@ -207,9 +215,9 @@ class ProbeReport(BaseModel):
 
 CommandAction = Literal["set_lr", "set_guided_attention_weight", "set_grad_clip", "rollback",
                         "checkpoint_now", "pause", "resume", "stop",
-                        "set_gate_positive_weight"]
+                        "set_gate_positive_weight", "set_spike_guard"]
 VALUE_ACTIONS = frozenset({"set_lr", "set_guided_attention_weight", "set_grad_clip",
-                           "set_gate_positive_weight"})
+                           "set_gate_positive_weight", "set_spike_guard"})
 CommandSource = Literal["tuner", "bot", "api", "test"]
 MAX_NOTE_CHARS = 280
 

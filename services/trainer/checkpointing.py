@@ -133,12 +133,14 @@ class Checkpointing:
             "step": trainer.step,
             **trainer.feed.state_dict(),
             "skipped_steps": trainer.skipped_steps,
+            "guarded_steps": trainer.guarded_steps,
             **trainer.engine.state_dict(),
             "rng": capture_rng_state(),
             "overrides": list(trainer.overrides),
             "config": self.cfg.model_dump(mode="json"),
             "run_id": trainer.run_state.run_id,
             "recent_norms": list(trainer.recent_norms),
+            "recent_guarded": list(trainer.recent_guarded),
             # Synthesis needs the feature normalisation the model was trained with.
             "mel_mean": np.asarray(trainer.feed.store.mean, dtype=np.float32),
             "mel_std": np.asarray(trainer.feed.store.std, dtype=np.float32),
@@ -161,9 +163,13 @@ class Checkpointing:
         trainer.step = int(state["step"])
         trainer.feed.load_state_dict(state)
         trainer.skipped_steps = int(state["skipped_steps"])
+        # Checkpoints from before the spike guard count none.
+        trainer.guarded_steps = int(state.get("guarded_steps", 0))
         trainer.overrides = list(state["overrides"])
         trainer.recent_norms.clear()
         trainer.recent_norms.extend(state.get("recent_norms", []))
+        trainer.recent_guarded.clear()
+        trainer.recent_guarded.extend(state.get("recent_guarded", []))
         restore_rng_state(state["rng"])
         # Rank 0 continues the saved stream, the others fork their own.
         fork_rng(self.dist, self.cfg.run.seed, trainer.step)
@@ -202,8 +208,9 @@ class Checkpointing:
                  ) -> LoadedCheckpoint | None:
         """Restore the weights and data position of ``checkpoint`` or the last good one.
 
-        The run-time settings (LR, guided attention weight, clip threshold, gate weight)
-        and the history (overrides, skipped-step count) stay as they are: a rollback is
+        The run-time settings (LR, guided attention weight, clip threshold, gate weight,
+        spike guard) and the history (overrides, skipped and guarded step counts) stay as
+        they are: a rollback is
         usually paired with a corrective setting, which must not be undone by it. The
         trainer's step moves back; returns what was restored (None: nothing to restore).
         """
@@ -212,9 +219,10 @@ class Checkpointing:
             loaded = self.manager.last_good()
         if loaded is None:
             return None
-        kept = (list(trainer.overrides), trainer.skipped_steps, trainer.engine.settings())
+        kept = (list(trainer.overrides), trainer.skipped_steps, trainer.guarded_steps,
+                trainer.engine.settings())
         self.restore(trainer, loaded)
-        trainer.overrides, trainer.skipped_steps, settings = kept
+        trainer.overrides, trainer.skipped_steps, trainer.guarded_steps, settings = kept
         trainer.engine.restore_settings(settings)
         self.health.skips = 0
         return loaded

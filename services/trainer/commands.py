@@ -202,6 +202,10 @@ class CommandHandler:
             case "set_gate_positive_weight":
                 before, after = trainer.set_gate_positive_weight(value, source)
                 return reply("applied", "gate positive weight set", before, after)
+            case "set_spike_guard":
+                before, after = trainer.set_spike_guard(value, source)
+                return reply("applied", "spike guard switched off" if after == 0
+                             else "spike guard factor set", before, after)
             case "rollback":
                 step = trainer.step
                 info = trainer.rollback(source)

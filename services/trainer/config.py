@@ -23,7 +23,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from services.core.bounds import GA_WEIGHT_ALIGNS, GATE_WEIGHT_STOPS, LR_FLOOR
+from services.core.bounds import (
+    GA_WEIGHT_ALIGNS,
+    GATE_WEIGHT_STOPS,
+    LR_FLOOR,
+    SPIKE_GUARD_OFF,
+    check_value,
+)
 
 
 class _Strict(BaseModel):
@@ -117,12 +123,20 @@ class OptimConfig(_Strict):
     guided_attention_min_weight: float = Field(0.0, ge=0)
 
     gate_positive_weight: float = Field(GATE_WEIGHT_STOPS, gt=0)
+    spike_guard: float = Field(SPIKE_GUARD_OFF, ge=0, description="a step whose pre-clip "
+                               "grad norm exceeds this x the median of the recent norms is "
+                               "not applied (services/trainer/gradients.py); 0: off")
     amp: bool = Field(False, description="fp16 autocast + GradScaler, CUDA only")
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:
         if self.min_learning_rate > self.learning_rate:
             raise ValueError("min_learning_rate must not exceed learning_rate")
+        # The same values a set_spike_guard command may set: 0, or a factor that spares
+        # a healthy run's ordinary steps.
+        reason = check_value("set_spike_guard", self.spike_guard)
+        if reason is not None:
+            raise ValueError(f"spike_guard: {reason}")
         return self
 
 

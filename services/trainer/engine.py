@@ -22,7 +22,7 @@ from services.trainer.config import TrainConfig
 from services.trainer.dataset import Batch
 from services.trainer.distributed import DistInfo
 from services.trainer.faults import FaultPlan, inject
-from services.trainer.gradients import GradientClipper
+from services.trainer.gradients import GradientClipper, SpikeGuard
 from services.trainer.losses import GuidedAttentionWeight, LossTerms, tacotron_loss
 from services.trainer.model import Tacotron2, TacotronOutput
 from services.trainer.optim import LearningRate, make_optimizer
@@ -45,8 +45,13 @@ class StepMetrics:
     gate_positive_weight: float
     clip_threshold: float
     step_seconds: float
-    finite: bool
+    finite: bool  # loss and gradients were finite (a guarded step is, yet not applied)
     skipped_steps: int  # total so far in this run
+    # The spike guard: its factor (0: off), whether it withheld this step's update, and how
+    # many steps it has withheld so far in this run.
+    spike_guard: float = 0.0
+    guarded: bool = False
+    guarded_steps: int = 0
 
 
 @dataclass
@@ -59,10 +64,14 @@ class EvalResult:
     attention: np.ndarray = field(repr=False)  # [B, decoder steps, tokens]
     input_lengths: np.ndarray = field(repr=False)
     decoder_lengths: np.ndarray = field(repr=False)
-    # The largest pre-clip norm of the finite steps before this evaluation and how many
+    # The largest pre-clip norm of the applied steps before this evaluation and how many
     # there were: the grad norm indicator is judged on the window the evaluation closes.
     window_grad_norm: float = math.inf
     window_steps: int = 0
+    # The spike guard's factor then (0: off) and the steps it withheld in the window: their
+    # norms are not in it, and the indicator says so.
+    spike_guard: float = 0.0
+    window_guarded: int = 0
 
 
 @dataclass
@@ -75,9 +84,16 @@ class StepOutcome:
     guided_attention_weight: float
     gate_positive_weight: float
     clip_threshold: float
-    finite: bool  # the update was applied
+    finite: bool  # loss and gradients were finite
     loss_finite: bool  # false: skipped before backward; true and not finite: bad gradients
     total: float  # this rank's back-propagated loss, for the log line of a skipped step
+    spike_guard: float = 0.0  # the guard's factor at this step (0: off)
+    guarded: bool = False  # finite, but a spike: the spike guard withheld the update
+
+    @property
+    def applied(self) -> bool:
+        """Whether the optimizer update was applied."""
+        return self.finite and not self.guarded
 
 
 @dataclass
@@ -88,6 +104,7 @@ class RunTimeSettings:
     guided_attention: dict[str, Any]
     clip_threshold: float
     gate_positive_weight: float
+    spike_guard: float
 
 
 class StepEngine:
@@ -106,6 +123,7 @@ class StepEngine:
         # The stop token's positive weight; a command may raise it when the gate never fires.
         self.gate_positive_weight = cfg.optim.gate_positive_weight
         self.clipper = GradientClipper(cfg.optim)
+        self.spike_guard = SpikeGuard(cfg.optim.spike_guard)
         self.amp = cfg.optim.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
         # The module the training step runs: DDP around the model when distributed (it
@@ -142,11 +160,12 @@ class StepEngine:
         return output, terms
 
     def step(self, batch: Batch, step: int) -> StepOutcome:
-        """One optimizer step; a non-finite loss or gradient skips the update.
+        """One optimizer step; a non-finite loss or gradient skips the update, and so does
+        a spike the spike guard withholds (services/trainer/gradients.py).
 
-        A skipped step leaves no trace in the model: BatchNorm running statistics, which
-        the forward pass updates, are put back as they were, so NaN activations cannot
-        poison them.
+        A skipped or withheld step leaves no trace in the model: BatchNorm running
+        statistics, which the forward pass updates, are put back as they were, so NaN
+        activations (or a spiked batch's) cannot poison them.
 
         Distributed, every rank steps on its own batch; the losses reported are the mean
         over the ranks, a non-finite loss on any rank skips the step on all of them, and
@@ -169,14 +188,18 @@ class StepEngine:
             losses = self._mean_losses(terms)
             loss_finite = math.isfinite(losses["loss"])
         finite = loss_finite
+        guarded = False
         if loss_finite:
             self.scaler.scale(terms.total).backward()
             clip = self.clipper.clip(self.model, self.optimizer, self.scaler)
             norm, threshold, finite = clip.norm, clip.threshold, clip.finite
-            if finite:
+            # The norm is DDP's all-reduced one and every rank's guard holds the same
+            # history and factor: every rank withholds the same steps.
+            guarded = finite and not self.spike_guard.admit(norm)
+            if finite and not guarded:
                 self.scaler.step(self.optimizer)
-            self.scaler.update()
-        if not finite:
+            self.scaler.update()  # also after an unscale without a step: resets the scaler
+        if not finite or guarded:
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for buffer, saved in buffers:
@@ -186,7 +209,8 @@ class StepEngine:
         return StepOutcome(losses=losses, grad_norm=norm, lr=lr, guided_attention_weight=ga_weight,
                            gate_positive_weight=self.gate_positive_weight,
                            clip_threshold=threshold, finite=finite, loss_finite=loss_finite,
-                           total=float(terms.total.detach()))
+                           total=float(terms.total.detach()),
+                           spike_guard=self.spike_guard.factor, guarded=guarded)
 
     def _mean_losses(self, terms: LossTerms) -> dict[str, float]:
         """The loss terms averaged over the ranks: one all-reduce, the same on every rank.
@@ -227,6 +251,7 @@ class StepEngine:
             "guided_attention": self.ga_weight.state_dict(),
             "clipper": self.clipper.state_dict(),
             "gate_positive_weight": self.gate_positive_weight,
+            "spike_guard": self.spike_guard.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
 
@@ -240,12 +265,17 @@ class StepEngine:
         # Checkpoints from before the gate knob existed do not carry it.
         self.gate_positive_weight = float(state.get("gate_positive_weight",
                                                     self.cfg.optim.gate_positive_weight))
+        # ... nor those from before the spike guard: the config's factor, no history yet.
+        self.spike_guard = SpikeGuard(self.cfg.optim.spike_guard)
+        if "spike_guard" in state:
+            self.spike_guard.load_state_dict(state["spike_guard"])
         self.scaler.load_state_dict(state["scaler"])
 
     def settings(self) -> RunTimeSettings:
         """The run-time knobs as they are now."""
         return RunTimeSettings(self.lr.state_dict(), self.ga_weight.state_dict(),
-                               self.clipper.threshold, self.gate_positive_weight)
+                               self.clipper.threshold, self.gate_positive_weight,
+                               self.spike_guard.factor)
 
     def restore_settings(self, settings: RunTimeSettings) -> None:
         """Put the run-time knobs back as ``settings`` holds them."""
@@ -253,3 +283,4 @@ class StepEngine:
         self.ga_weight.load_state_dict(settings.guided_attention)
         self.clipper.threshold = settings.clip_threshold
         self.gate_positive_weight = settings.gate_positive_weight
+        self.spike_guard.set_factor(settings.spike_guard)

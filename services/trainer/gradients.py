@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from services.core.bounds import check_value
 from services.trainer.config import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -91,5 +92,66 @@ class GradientClipper:
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict``."""
         self.threshold = float(state["threshold"])
+        self.history.clear()
+        self.history.extend(float(x) for x in state["history"])
+
+
+# The spike guard judges a norm against the median of this many recent finite norms, and
+# only once it knows this many (before that a median says little about the run's level).
+SPIKE_GUARD_HISTORY = 50
+SPIKE_GUARD_MIN_HISTORY = 10
+
+
+class SpikeGuard:
+    """Withholds the update of a step whose pre-clip norm is a spike for this run.
+
+    A norm above ``factor`` x the median of the last ``SPIKE_GUARD_HISTORY`` finite norms
+    is a spike (ZClip-like detection on the run's own statistics, not a fixed threshold);
+    ``factor`` 0 is off. Clipping bounds the step a spike takes but not its direction, and
+    the grad norm indicator counts the spike itself; a withheld step does neither.
+
+    The reference holds every finite norm, withheld ones too: a median ignores isolated
+    spikes by construction (it takes half the window to move it), while a real, lasting
+    rise of the norms becomes the new level after half a window instead of withholding
+    every step from then on.
+    """
+
+    def __init__(self, factor: float):
+        self.factor = 0.0
+        self.set_factor(factor)
+        self.history: deque[float] = deque(maxlen=SPIKE_GUARD_HISTORY)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the guard withholds spikes at all (factor > 0)."""
+        return self.factor > 0
+
+    def set_factor(self, factor: float) -> None:
+        """Set the factor: 0 (off) or within the trainer's bounds (services.core.bounds)."""
+        reason = check_value("set_spike_guard", factor)
+        if reason is not None:
+            raise ValueError(reason)
+        self.factor = float(factor)
+
+    def reference(self) -> float | None:
+        """The median the next norm is judged against; None until enough are known."""
+        if len(self.history) < SPIKE_GUARD_MIN_HISTORY:
+            return None
+        return float(np.median(np.fromiter(self.history, float)))
+
+    def admit(self, norm: float) -> bool:
+        """Judge one finite step's pre-clip ``norm`` and remember it: False withholds it."""
+        reference = self.reference() if self.enabled else None
+        spike = reference is not None and norm > self.factor * reference
+        self.history.append(norm)
+        return not spike
+
+    def state_dict(self) -> dict:
+        """Factor and norm history, for exact resume."""
+        return {"factor": self.factor, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict``."""
+        self.set_factor(float(state["factor"]))
         self.history.clear()
         self.history.extend(float(x) for x in state["history"])

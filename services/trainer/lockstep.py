@@ -149,7 +149,7 @@ def replay(trainer: Trainer, call: SetterCall) -> None:
     """Other ranks: make rank 0's setter call here, through the same setter."""
     match call.action:
         case "set_lr" | "set_guided_attention_weight" | "set_grad_clip" \
-                | "set_gate_positive_weight":
+                | "set_gate_positive_weight" | "set_spike_guard":
             assert call.value is not None
             getattr(trainer, call.action)(call.value, call.source)
         case "rollback":

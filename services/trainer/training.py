@@ -18,7 +18,8 @@ The loop is generic; what it composes does the rest:
 
 The loop knows nothing of Redis or the other services. Observers receive every step,
 evaluation, verdict and checkpoint (telemetry plugs in there), and the run-time setters
-(``set_lr``, ``set_guided_attention_weight``, ``set_grad_clip``, ``rollback``...) are what
+(``set_lr``, ``set_guided_attention_weight``, ``set_grad_clip``, ``set_spike_guard``,
+``rollback``...) are what
 corrective commands call; every applied override is recorded and survives a resume.
 
 Under torchrun (services.trainer.distributed) the model is wrapped in DDP and each rank
@@ -209,11 +210,14 @@ class Trainer:
         # The loop's counters and history (a checkpoint keeps them; checkpointing.py).
         self.step = 0
         self.skipped_steps = 0
+        self.guarded_steps = 0  # steps the spike guard withheld
         self.last_step_seconds = 0.0
         self.overrides: list[dict[str, Any]] = []
         self.last_eval: EvalResult | None = None
-        # The finite steps' pre-clip norms the next evaluation's grad norm is judged on.
+        # The applied steps' pre-clip norms the next evaluation's grad norm is judged on,
+        # and the steps the spike guard withheld lately (their norms are not in it).
         self.recent_norms: deque[float] = deque(maxlen=cfg.run.eval_every)
+        self.recent_guarded: deque[int] = deque(maxlen=cfg.run.eval_every)
         self._stop_requested = False
 
         if resume and resume_from not in RESUME_FROM:
@@ -306,6 +310,14 @@ class Trainer:
         self.engine.gate_positive_weight = value
         return self._applied("set_gate_positive_weight", before, value, source)
 
+    def set_spike_guard(self, value: float, source: str = "api") -> tuple[float, float]:
+        """Set the spike guard's factor (0: off); returns (before, after).
+
+        ValueError for a value the guard refuses (between 0 and the bounds' low end)."""
+        before = self.engine.spike_guard.factor
+        self.engine.spike_guard.set_factor(value)
+        return self._applied("set_spike_guard", before, value, source)
+
     def rollback(self, source: str = "api", checkpoint: LoadedCheckpoint | None = None
                  ) -> CheckpointInfo | None:
         """Restore the weights and data position of the last good checkpoint.
@@ -341,15 +353,25 @@ class Trainer:
     def train_step(self, batch: Batch) -> StepMetrics:
         """One optimizer step by the engine (services/trainer/engine.py), counted.
 
-        A non-finite loss or gradient skips the update (and counts as skipped); a finite
-        step's pre-clip norm joins the window the grad norm indicator is judged on.
+        A non-finite loss or gradient skips the update (and counts as skipped); a spike
+        the spike guard withholds counts as guarded; an applied step's pre-clip norm joins
+        the window the grad norm indicator is judged on.
         """
         started = time.perf_counter()
         out = self.engine.step(batch, self.step)
-        self.checkpointing.health.note_step(out.finite, out.grad_norm)
-        if out.finite:
-            self.recent_norms.append(out.grad_norm)
+        if out.guarded:
+            # The weights did not move: neither the health rule nor the indicator window
+            # sees the spike, only the count does.
+            self.guarded_steps += 1
+            self.recent_guarded.append(self.step)
+            log.info("step %d withheld by the spike guard: pre-clip grad norm %.4g above "
+                     "%g x the recent median; %d withheld so far", self.step, out.grad_norm,
+                     out.spike_guard, self.guarded_steps)
         else:
+            self.checkpointing.health.note_step(out.finite, out.grad_norm)
+        if out.applied:
+            self.recent_norms.append(out.grad_norm)
+        elif not out.finite:
             self.skipped_steps += 1
             log.warning("step %d skipped: non-finite %s (loss %s, grad norm %s); %d skipped so far",
                         self.step, "gradients" if out.loss_finite else "loss", out.total,
@@ -362,7 +384,8 @@ class Trainer:
             grad_norm=out.grad_norm, lr=out.lr, guided_attention_weight=out.guided_attention_weight,
             gate_positive_weight=out.gate_positive_weight, clip_threshold=out.clip_threshold,
             step_seconds=time.perf_counter() - started,
-            finite=out.finite, skipped_steps=self.skipped_steps)
+            finite=out.finite, skipped_steps=self.skipped_steps,
+            spike_guard=out.spike_guard, guarded=out.guarded, guarded_steps=self.guarded_steps)
         self.last_step_seconds = metrics.step_seconds
         self.step += 1
         return metrics
@@ -373,6 +396,9 @@ class Trainer:
         result = self.engine.evaluate(self.feed.val_batch, self.step)
         result.window_grad_norm = max(self.recent_norms) if self.recent_norms else math.inf
         result.window_steps = len(self.recent_norms)
+        result.spike_guard = self.engine.spike_guard.factor
+        window_start = self.step - self.cfg.run.eval_every
+        result.window_guarded = sum(1 for step in self.recent_guarded if step >= window_start)
         self.last_eval = result
         scores = result.scores
         if scores["diagonality"] > indicators.DIAGONALITY_OK and not self.run_state.aligned_once:

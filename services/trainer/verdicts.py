@@ -30,17 +30,16 @@ log = logging.getLogger("services.trainer.training.verdicts")
 def training_checks(result: EvalResult, restarts: int) -> list[Indicator]:
     """The plan's five indicators at the evaluation ``result``, each saying how it was measured.
 
-    Grad norm is the *largest* pre-clip norm of the finite steps of the window the
-    evaluation closes (``eval_every`` steps), so one bad step in the window fails it.
+    Grad norm is the *largest* pre-clip norm of the applied steps of the window the
+    evaluation closes (``eval_every`` steps), so one bad step in the window fails it. A
+    spike the spike guard withheld never reached the weights: it is not in the window.
     """
-    step, window = result.step, result.window_steps
+    step = result.step
     checks = indicators.evaluate_indicators(
         grad_norm=result.window_grad_norm, diagonality=result.scores["diagonality"],
         restarts=restarts, loss=result.losses["objective"], quality=result.scores["quality"])
     measured = {
-        indicators.GRAD_NORM: (
-            f"largest pre-clip grad norm of the last {window} finite steps to step {step}"
-            if window else f"no finite step in the window before step {step}"),
+        indicators.GRAD_NORM: grad_norm_measured(result),
         indicators.DIAGONALITY: f"diagonality of the validation batch at step {step}",
         indicators.RESTARTS: "restarts of this run (processes that ended without a clean "
                              "exit)",
@@ -48,6 +47,25 @@ def training_checks(result: EvalResult, restarts: int) -> list[Indicator]:
         indicators.QUALITY: f"alignment quality of the validation batch at step {step}",
     }
     return [check.model_copy(update={"measured": measured[check.name]}) for check in checks]
+
+
+def grad_norm_measured(result: EvalResult) -> str:
+    """How the grad norm indicator was measured at ``result``, in words.
+
+    With the spike guard off the window's steps are the finite ones (a non-finite step is
+    never applied); with it on, the applied ones, and the withheld spikes are counted.
+    """
+    step, window = result.step, result.window_steps
+    if not result.spike_guard and not result.window_guarded:
+        return (f"largest pre-clip grad norm of the last {window} finite steps to step {step}"
+                if window else f"no finite step in the window before step {step}")
+    text = (f"largest pre-clip grad norm of the last {window} applied steps to step {step}"
+            if window else f"no applied step in the window before step {step}")
+    guarded = result.window_guarded
+    if guarded:
+        text += (f"; {guarded} step{'s' if guarded > 1 else ''} withheld by the spike guard "
+                 "not counted")
+    return text
 
 
 def inference_checks(probes: ProbeSummary | None) -> list[Indicator]:
@@ -122,6 +140,7 @@ class Verdicts:
             "stop_reason": stop_reason,
             "seconds": round(seconds, 1),
             "skipped_steps": trainer.skipped_steps,
+            "guarded_steps": trainer.guarded_steps,
             "restarts": state.restarts,
             "validation": result.losses,
             "alignment": result.scores,
