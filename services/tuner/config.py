@@ -56,6 +56,42 @@ class GradNormRule(_Section):
         return self
 
 
+class SpikesRule(_Section):
+    """Isolated gradient spikes (fp16 overflow bursts look so): each is clipped, yet each
+    fails the grad norm indicator's window, and the grad_norm rule, which wants them
+    sustained, never fires. Found on the run's own statistics, not a fixed threshold: a
+    robust z-score of log10(grad norm) against the window's median and MAD. Switches the
+    trainer's spike guard on, which withholds such steps."""
+
+    window: int = Field(100, ge=10, description="the last N steps are judged")
+    min_steps: int = Field(50, ge=10, description="finite norms needed before judging "
+                           "(a median and a MAD of a few steps say little)")
+    z_max: float = Field(4.0, gt=0, description="a norm whose robust z-score of log10 "
+                         "exceeds this is a spike ...")
+    guard_factor: float = Field(10.0, gt=0, description="... if it is also above this x the "
+                                "window's median; the factor the guard is set to, so the "
+                                "rule fires only on spikes the guard will withhold")
+    min_spikes: int = Field(2, ge=1, description="fire when >= this many separate spikes "
+                            "are in the window (one could be chance); spiked steps at most "
+                            "burst_gap apart count as one")
+    burst_gap: int = Field(3, ge=1, description="spiked steps this close are one burst")
+    max_burst: int = Field(5, ge=1, description="a burst spanning more steps is no spike but "
+                           "a change of level: the rule stays silent (the grad_norm rule's, "
+                           "if it lasts)")
+    cooldown_steps: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SpikesRule:
+        if self.min_steps > self.window:
+            raise ValueError(f"min_steps ({self.min_steps}) exceeds window ({self.window})")
+        # A factor outside the trainer's bounds would only come back "rejected" (and 0 is
+        # the guard off, not a guard).
+        reason = command_bounds.check_value("set_spike_guard", self.guard_factor)
+        if reason is not None:
+            raise ValueError(f"guard_factor: {reason}")
+        return self
+
+
 class AlignmentRule(_Section):
     """Poor alignment after warm-up: raise the guided attention weight; red flag below 0.1.
 
@@ -193,8 +229,8 @@ class TunerBounds(_Section):
 
 # The rules that send commands (services.tuner.policy's RULE_* names; the policy imports
 # this module, so the names are spelt here and a test checks they match).
-COMMAND_RULES = frozenset({"restarts", "non_finite", "grad_norm", "plateau", "alignment",
-                           "learning_rate", "anneal", "inference"})
+COMMAND_RULES = frozenset({"restarts", "non_finite", "grad_norm", "spikes", "plateau",
+                           "alignment", "learning_rate", "anneal", "inference"})
 # A crash loop's stop is a safety net, not a tuning choice: not asked about unless listed.
 SUPERVISED_BY_DEFAULT = COMMAND_RULES - {"restarts"}
 
@@ -249,6 +285,7 @@ class TunerConfig(_Section):
 
     warmup_steps: int = Field(300, ge=0, description="alignment rules wait this many steps")
     grad_norm: GradNormRule = Field(default_factory=GradNormRule)
+    spikes: SpikesRule = Field(default_factory=SpikesRule)
     alignment: AlignmentRule = Field(default_factory=AlignmentRule)
     plateau: PlateauRule = Field(default_factory=PlateauRule)
     non_finite: NonFiniteRule = Field(default_factory=NonFiniteRule)
@@ -264,6 +301,7 @@ class TunerConfig(_Section):
     def _check(self) -> TunerConfig:
         needed = {"grad_norm.window": self.grad_norm.window,
                   "grad_norm.recover_window": self.grad_norm.recover_window,
+                  "spikes.window": self.spikes.window,
                   "non_finite.window": self.non_finite.window,
                   "plateau.smoothing": self.plateau.smoothing,
                   "service.measure_after_steps": self.service.measure_after_steps}

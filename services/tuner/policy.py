@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.core import indicators
 from services.core.schemas import (
     VALUE_ACTIONS,
     CommandAction,
@@ -35,6 +36,7 @@ from services.tuner.state import STOPPED, RunWindow
 RULE_RESTARTS = "restarts"
 RULE_NON_FINITE = "non_finite"
 RULE_GRAD_NORM = "grad_norm"
+RULE_SPIKES = "spikes"
 RULE_PLATEAU = "plateau"
 RULE_ALIGNMENT = "alignment"
 RULE_ALIGNMENT_RED_FLAG = "alignment_red_flag"
@@ -45,9 +47,14 @@ RULE_LEARNING_RATE = "learning_rate"
 
 # An LR within this relative distance of the floor counts as at the floor (float noise).
 _AT_FLOOR = 1e-6
+# The median absolute deviation times this estimates a normal distribution's deviation.
+_MAD_TO_SIGMA = 1.4826
+# A window whose MAD is 0 (norms equal to print precision) still has a scale: this, in
+# decades of the norm, so a robust z-score stays finite.
+_MIN_LOG_SCALE = 1e-3
 
 MeasuredMetric = Literal["grad_norm", "diagonality", "objective", "non_finite",
-                         "probes_stop"]
+                         "probes_stop", "applied_grad_norm"]
 
 
 class EventSpec(BaseModel):
@@ -302,6 +309,74 @@ def _grad_norm(b: _Builder) -> list[Decision]:
     return decisions
 
 
+def _grad_norm_sustained(norms: list[float], config: TunerConfig) -> bool:
+    """The grad_norm rule's condition: >= m of its last K finite norms above the red flag."""
+    cfg = config.grad_norm
+    return sum(1 for norm in norms[-cfg.window:] if norm > cfg.red_flag) >= cfg.min_above
+
+
+def robust_log_z(norms: list[float]) -> list[float]:
+    """Each norm's robust z-score of log10 against the list's median and MAD.
+
+    Logs because a grad norm's noise is multiplicative (a healthy run wanders by factors,
+    a spike is orders of magnitude); median and MAD because the spikes must not inflate
+    the statistics that judge them (a mean and deviation would, as ZClip's EMA does).
+    """
+    logs = [math.log10(max(norm, math.ulp(0.0))) for norm in norms]
+    center = statistics.median(logs)
+    scale = max(_MAD_TO_SIGMA * statistics.median(abs(x - center) for x in logs),
+                _MIN_LOG_SCALE)
+    return [(x - center) / scale for x in logs]
+
+
+def _bursts(steps: list[int], gap: int) -> list[tuple[int, int]]:
+    """Ascending ``steps`` grouped into (first, last) runs whose neighbours are <= gap apart."""
+    bursts: list[tuple[int, int]] = []
+    for step in steps:
+        if bursts and step - bursts[-1][1] <= gap:
+            bursts[-1] = (bursts[-1][0], step)
+        else:
+            bursts.append((step, step))
+    return bursts
+
+
+def _spikes(b: _Builder) -> list[Decision]:
+    """Isolated spikes of the grad norm on the run's own statistics: switch the guard on.
+
+    A spike: a robust z-score of log10(norm) above ``z_max`` in the last ``window`` steps,
+    and above ``guard_factor`` x the window's median (what the guard will withhold). At
+    least ``min_spikes`` separate ones (spiked steps within ``burst_gap`` of each other are
+    one burst), all isolated: no burst spans more than ``max_burst`` steps and the grad_norm
+    rule's sustained condition does not hold (a change of level or sustained high norms
+    are that rule's: a lower LR, not withheld steps). And the trainer says its guard is
+    off: set_spike_guard(guard_factor).
+    """
+    cfg = b.config.spikes
+    window = b.window
+    if window.spike_guard is None or window.spike_guard > 0:
+        return []  # a trainer that has no guard, or one already guarding
+    recent = [m for m in window.last_metrics(cfg.window)
+              if m.finite and math.isfinite(m.grad_norm) and m.grad_norm > 0]
+    norms = [m.grad_norm for m in recent]
+    if len(norms) < cfg.min_steps or _grad_norm_sustained(norms, b.config):
+        return []
+    median = statistics.median(norms)
+    spiked = [m.step for m, z in zip(recent, robust_log_z(norms), strict=True)
+              if z > cfg.z_max and m.grad_norm > cfg.guard_factor * median]
+    bursts = _bursts(spiked, cfg.burst_gap)
+    if len(bursts) < cfg.min_spikes or any(last - first + 1 > cfg.max_burst
+                                           for first, last in bursts):
+        return []
+    if not b.can_command(RULE_SPIKES, ("set_spike_guard",), cfg.cooldown_steps):
+        return []
+    trigger = Trigger(rule=RULE_SPIKES, metric="grad_norm_spikes", value=float(len(bursts)),
+                      threshold=float(cfg.min_spikes), window=len(recent))
+    # What the grad norm indicator judges: the largest norm of the applied steps.
+    measure = Measure(metric="applied_grad_norm", before=max(norms),
+                      target=indicators.GRAD_NORM_OK, recovered_when="below")
+    return [b.command(RULE_SPIKES, trigger, "set_spike_guard", cfg.guard_factor, measure)]
+
+
 def _plateau(b: _Builder) -> list[Decision]:
     """Objective not improving for ``plateau.steps``: lower the LR; at the floor, stop."""
     cfg = b.config.plateau
@@ -508,7 +583,7 @@ def _indicators(b: _Builder) -> list[Decision]:
 
 # Priority order: a rule earlier in the list gets a setting first when two want it.
 _COMMAND_RULES: tuple[Callable[[_Builder], list[Decision]], ...] = (
-    _non_finite, _grad_norm, _plateau, _alignment, _learning_rate, _anneal, _inference)
+    _non_finite, _grad_norm, _spikes, _plateau, _alignment, _learning_rate, _anneal, _inference)
 _EVENT_RULES: tuple[Callable[[_Builder], list[Decision]], ...] = (
     _alignment_red_flag, _indicators)
 
@@ -537,6 +612,11 @@ def measure_effect(window: RunWindow, measure: Measure, since_step: int, steps: 
     value = math.nan
     if measure.metric == "grad_norm" and after:
         value = _median(m.grad_norm for m in after)
+    elif measure.metric == "applied_grad_norm":
+        # The grad norm indicator's measure: a withheld (guarded) step never reached the
+        # weights, a non-finite one neither.
+        applied = [m.grad_norm for m in after if m.finite and not m.guarded]
+        value = max(map(_sortable, applied)) if applied else math.nan
     elif measure.metric == "objective":
         finite = [m.objective for m in after if math.isfinite(m.objective)]
         value = sum(finite) / len(finite) if finite else math.nan

@@ -33,7 +33,7 @@ from services.tuner.config import TunerConfig
 # Which trainer setting a value command changes; two rules never move one knob at once.
 KNOB_OF_ACTION = {"set_lr": "lr", "set_guided_attention_weight": "ga_weight",
                   "set_grad_clip": "clip", "set_gate_positive_weight": "gate_weight",
-                  "rollback": "weights"}
+                  "set_spike_guard": "spike_guard", "rollback": "weights"}
 PROBES_KEPT = 8  # probe passes remembered per run: enough to see a trend
 # Latch set by any stop command: nothing more is commanded until the run starts again.
 STOPPED = "stopped"
@@ -90,6 +90,8 @@ class RunWindow:
         self.ga_weight: float | None = None
         self.clip_threshold: float | None = None
         self.gate_weight: float | None = None
+        # None: the trainer does not say (one from before the spike guard existed).
+        self.spike_guard: float | None = None
         # Inference probe passes (the sixth indicator), oldest first.
         self.probes: deque[ProbeReport] = deque(maxlen=PROBES_KEPT)
         # The plateau rule's clock: the trainer's steps_since_loss_improved rule, the same
@@ -180,6 +182,8 @@ class RunWindow:
         self.clip_threshold = message.clip_threshold
         if message.gate_positive_weight is not None:
             self.gate_weight = message.gate_positive_weight
+        if message.spike_guard is not None:
+            self.spike_guard = message.spike_guard
 
     def _rewind(self, step: int) -> None:
         """The trainer went back to ``step`` (rollback or resume): forget what it undid."""
@@ -257,6 +261,8 @@ class RunWindow:
             self.clip_threshold = ack.after
         elif ack.action == "set_gate_positive_weight":
             self.gate_weight = ack.after
+        elif ack.action == "set_spike_guard":
+            self.spike_guard = ack.after
 
     def expire_in_flight(self, now: float, grace_s: float) -> list[InFlight]:
         """Drop in-flight commands past expiry + grace (the trainer never answered)."""
