@@ -63,7 +63,8 @@ class SpikesRule(_Section):
     robust z-score of log10(grad norm) against the window's median and MAD. Switches the
     trainer's spike guard on, which withholds such steps."""
 
-    window: int = Field(100, ge=10, description="the last N steps are judged")
+    window: int = Field(100, ge=10, description="the last N steps are judged (fewer when "
+                        "the service keeps fewer: service.metrics_window)")
     min_steps: int = Field(50, ge=10, description="finite norms needed before judging "
                            "(a median and a MAD of a few steps say little)")
     z_max: float = Field(4.0, gt=0, description="a norm whose robust z-score of log10 "
@@ -301,7 +302,6 @@ class TunerConfig(_Section):
     def _check(self) -> TunerConfig:
         needed = {"grad_norm.window": self.grad_norm.window,
                   "grad_norm.recover_window": self.grad_norm.recover_window,
-                  "spikes.window": self.spikes.window,
                   "non_finite.window": self.non_finite.window,
                   "plateau.smoothing": self.plateau.smoothing,
                   "service.measure_after_steps": self.service.measure_after_steps}
