@@ -586,18 +586,55 @@ def test_anneal_lowers_weight_on_stable_alignment_with_floor_and_fresh_reports()
     sim = Sim(config, ga=0.2)
     for _ in range(config.anneal.min_reports - 1):
         sim.run(25)
-        sim.report(0.9)
+        sim.report(0.9, quality=85.0)
     assert sim.commands == []
     sim.run(25)
-    fired = sim.report(0.9)
+    fired = sim.report(0.9, quality=85.0)
     assert [d.value for d in only(fired, RULE_ANNEAL)] == [pytest.approx(0.1)]
     for _ in range(100):
         sim.run(25)
-        sim.report(0.9)
+        sim.report(0.9, quality=85.0)
     values = [d.value for d in only(sim.decisions, RULE_ANNEAL)]
     assert values == [pytest.approx(0.1), pytest.approx(config.bounds.ga_weight_min)]
     steps = [d.step for d in only(sim.decisions, RULE_ANNEAL)]
     assert steps[1] - steps[0] >= config.anneal.cooldown_steps
+
+
+def test_anneal_waits_for_the_quality_indicator() -> None:
+    """Behaviour changed on purpose (issue 12): annealing a weight the quality still needs
+    undid it (the collapse recipe); stable diagonality with quality short is left alone."""
+    config = TunerConfig()
+    sim = Sim(config, ga=config.alignment.rescue_weight)
+    for _ in range(2 * config.anneal.min_reports):
+        sim.run(25)
+        sim.report(0.9, quality=75.0)
+    assert only(sim.decisions, RULE_ANNEAL) == []
+
+
+def test_guided_attention_removed_after_alignment_is_restored_when_quality_stalls() -> None:
+    """The collapse recipe: aligned (diagonality 0.8), then guided attention set to 0; the
+    quality stays at 73-75 % (< 80) without rising: the weight goes back to the rescue
+    weight, triggered by quality. With the weight on, the same reports change nothing."""
+    config = TunerConfig()
+    removed = Sim(config, ga=0.0)
+    removed.run(config.alignment.early_steps + 1)
+    for quality in (74.0, 73.0, 74.5):
+        removed.report(0.8, quality=quality)
+        removed.run(25)
+    [restored] = only(removed.decisions, RULE_ALIGNMENT)
+    assert restored.value == config.alignment.rescue_weight
+    assert restored.trigger.metric == "quality"
+    assert restored.trigger.threshold == indicators.QUALITY_OK
+    kept = Sim(config, ga=config.alignment.rescue_weight)
+    kept.run(config.alignment.early_steps + 1)
+    rising = Sim(config, ga=0.0)
+    rising.run(config.alignment.early_steps + 1)
+    for quality in (70.0, 72.0, 74.0):
+        kept.report(0.8, quality=quality - 3)
+        kept.run(25)
+        rising.report(0.8, quality=quality)  # still rising: give it time
+        rising.run(25)
+    assert only(kept.decisions, RULE_ALIGNMENT) == only(rising.decisions, RULE_ALIGNMENT) == []
 
 
 # ---------------------------------------------------------------------- success indicators

@@ -111,6 +111,11 @@ class AlignmentRule(_Section):
                              "alignment has not moved is acted on from this step")
     flat_delta: float = Field(0.02, gt=0, lt=1, description="'not moved': the diagonality "
                               "has risen by less than this over the reports")
+    quality_low: float = Field(indicators.QUALITY_OK, gt=0, le=100, description="aligned, "
+                               "but quality below this and not rising, with a weight below "
+                               "rescue_weight: the weight is restored")
+    quality_flat: float = Field(1.0, gt=0, description="'not rising': quality up by less "
+                                "than this many points over the reports")
     cooldown_steps: int = Field(300, ge=1)
     red_flag: float = Field(indicators.DIAGONALITY_RED_FLAG, ge=0, lt=1)
     recover_above: float = Field(0.2, gt=0, le=1, description="hysteresis level of the red "
@@ -163,6 +168,9 @@ class AnnealRule(_Section):
     """Stable alignment: lower the guided attention weight so it stops constraining."""
 
     stable_above: float = Field(indicators.DIAGONALITY_OK, gt=0, lt=1)
+    quality_above: float = Field(indicators.QUALITY_OK, gt=0, le=100, description="and the "
+                                 "quality indicator met: a weight the quality still needs "
+                                 "is not annealed")
     min_reports: int = Field(4, ge=1, description="consecutive reports above to act")
     ga_factor: float = Field(0.5, gt=0, lt=1)
     cooldown_steps: int = Field(500, ge=1)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.core import indicators
 from services.core.schemas import (
     VALUE_ACTIONS,
+    AlignmentReport,
     CommandAction,
     Effect,
     EventKind,
@@ -30,7 +31,7 @@ from services.core.schemas import (
     Severity,
     Trigger,
 )
-from services.tuner.config import TunerConfig
+from services.tuner.config import AlignmentRule, TunerConfig
 from services.tuner.state import STOPPED, RunWindow
 
 RULE_RESTARTS = "restarts"
@@ -54,7 +55,7 @@ _MAD_TO_SIGMA = 1.4826
 _MIN_LOG_SCALE = 1e-3
 
 MeasuredMetric = Literal["grad_norm", "diagonality", "objective", "non_finite",
-                         "probes_stop", "applied_grad_norm"]
+                         "probes_stop", "applied_grad_norm", "quality"]
 
 
 class EventSpec(BaseModel):
@@ -424,14 +425,46 @@ def _alignment(b: _Builder) -> list[Decision]:
     if len(reports) < cfg.min_reports:
         return []
     values = [r.scores.diagonality for r in reports]
+    qualities = [r.scores.quality for r in reports]
+    since = window.memory.last_fired.get(RULE_ALIGNMENT, -1)
+    if weight < cfg.rescue_weight \
+            and _quality_short(reports, cfg, since):
+        # Aligned, but the quality indicator stalls short with a weight below one known to
+        # align (guided attention removed once the alignment formed): restore it.
+        return _raise_ga(b, reports, weight, Trigger(
+            rule=RULE_ALIGNMENT, metric="quality", value=qualities[-1],
+            threshold=cfg.quality_low, window=reports[-1].step - reports[0].step),
+            Measure(metric="quality", before=qualities[-1], target=cfg.quality_low,
+                    recovered_when="above"))
     # "Not moved": not risen by flat_delta over the reports (falling counts as stuck too).
     stuck = weight < cfg.rescue_weight and values[-1] - values[0] < cfg.flat_delta
     start = min(cfg.early_steps, b.config.warmup_steps) if stuck else b.config.warmup_steps
-    since = window.memory.last_fired.get(RULE_ALIGNMENT, -1)
     if window.step < start or not all(
             r.step >= start and r.step > since and r.scores.diagonality < cfg.low
             for r in reports):
         return []
+    latest = reports[-1].scores.diagonality
+    return _raise_ga(b, reports, weight, Trigger(
+        rule=RULE_ALIGNMENT, metric="diagonality", value=latest, threshold=cfg.low,
+        window=reports[-1].step - reports[0].step),
+        Measure(metric="diagonality", before=latest, target=cfg.low, recovered_when="above"))
+
+
+def _quality_short(reports: list[AlignmentReport], cfg: AlignmentRule, since: int) -> bool:
+    """Aligned (diagonality at or above ``low``) from ``early_steps`` on, yet the quality is
+    below ``quality_low`` on every report and has not risen by ``quality_flat``."""
+    qualities = [r.scores.quality for r in reports]
+    return all(r.step >= cfg.early_steps and r.step > since and r.scores.diagonality >= cfg.low
+               and r.scores.quality < cfg.quality_low for r in reports) \
+        and qualities[-1] - qualities[0] < cfg.quality_flat
+
+
+def _raise_ga(b: _Builder, reports: list[AlignmentReport], weight: float, trigger: Trigger,
+              measure: Measure) -> list[Decision]:
+    """The alignment rule's command: a weight below the rescue weight jumps to it, a weight
+    at or above it grows by ``ga_factor``; capped; nothing while cooling down."""
+    cfg = b.config.alignment
+    cap = b.config.bounds.ga_weight_max
     if not b.can_command(RULE_ALIGNMENT, ("set_guided_attention_weight",),
                          cfg.cooldown_steps):
         return []
@@ -441,11 +474,6 @@ def _alignment(b: _Builder) -> list[Decision]:
         new = min(cap, max(weight * cfg.ga_factor, b.config.bounds.ga_weight_min))
     if new <= weight:
         return []
-    latest = reports[-1].scores.diagonality
-    trigger = Trigger(rule=RULE_ALIGNMENT, metric="diagonality", value=latest,
-                      threshold=cfg.low, window=reports[-1].step - reports[0].step)
-    measure = Measure(metric="diagonality", before=latest, target=cfg.low,
-                      recovered_when="above")
     return [b.command(RULE_ALIGNMENT, trigger, "set_guided_attention_weight", new, measure)]
 
 
@@ -551,7 +579,8 @@ def _anneal(b: _Builder) -> list[Decision]:
     reports = window.last_reports(cfg.min_reports)
     since = window.memory.last_fired.get(RULE_ANNEAL, -1)
     if len(reports) < cfg.min_reports or not all(
-            r.step > since and r.scores.diagonality > cfg.stable_above for r in reports):
+            r.step > since and r.scores.diagonality > cfg.stable_above
+            and r.scores.quality > cfg.quality_above for r in reports):
         return []
     if not b.can_command(RULE_ANNEAL, ("set_guided_attention_weight",), cfg.cooldown_steps):
         return []
@@ -627,9 +656,9 @@ def measure_effect(window: RunWindow, measure: Measure, since_step: int, steps: 
         # taken after the command, whenever it arrived.
         passes = [p for p in window.probes if p.checkpoint_step > since_step]
         value = passes[-1].stop_percent if passes else math.nan
-    elif measure.metric == "diagonality":
+    elif measure.metric in ("diagonality", "quality"):
         reports = [r for r in window.reports if since_step < r.step <= since_step + steps]
-        value = reports[-1].scores.diagonality if reports else math.nan
+        value = getattr(reports[-1].scores, measure.metric) if reports else math.nan
     if math.isnan(value):
         recovered = False
     elif measure.recovered_when == "below":
