@@ -582,22 +582,30 @@ def test_alignment_flapping_reports_stay_bounded() -> None:
 
 
 def test_anneal_lowers_weight_on_stable_alignment_with_floor_and_fresh_reports() -> None:
+    """Behaviour changed on purpose (issue 12): the floor is the weight known to align, not
+    ga_weight_min, so a healthy run at that weight gets no command (the trainer's own
+    schedule decays it); anneal undoes raises above it."""
     config = TunerConfig()
-    sim = Sim(config, ga=0.2)
+    sim = Sim(config, ga=4.0)
     for _ in range(config.anneal.min_reports - 1):
         sim.run(25)
         sim.report(0.9, quality=85.0)
     assert sim.commands == []
     sim.run(25)
     fired = sim.report(0.9, quality=85.0)
-    assert [d.value for d in only(fired, RULE_ANNEAL)] == [pytest.approx(0.1)]
+    assert [d.value for d in only(fired, RULE_ANNEAL)] == [pytest.approx(2.0)]
     for _ in range(100):
         sim.run(25)
         sim.report(0.9, quality=85.0)
     values = [d.value for d in only(sim.decisions, RULE_ANNEAL)]
-    assert values == [pytest.approx(0.1), pytest.approx(config.bounds.ga_weight_min)]
+    assert values == [pytest.approx(2.0), pytest.approx(config.alignment.rescue_weight)]
     steps = [d.step for d in only(sim.decisions, RULE_ANNEAL)]
     assert steps[1] - steps[0] >= config.anneal.cooldown_steps
+    healthy = Sim(config, ga=config.alignment.rescue_weight)
+    for _ in range(3 * config.anneal.min_reports):
+        healthy.run(25)
+        healthy.report(0.95, quality=89.0)
+    assert healthy.commands == []
 
 
 def test_anneal_waits_for_the_quality_indicator() -> None:

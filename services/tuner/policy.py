@@ -569,11 +569,13 @@ def _alignment_red_flag(b: _Builder) -> list[Decision]:
 
 
 def _anneal(b: _Builder) -> list[Decision]:
-    """Diagonality above ``stable_above`` on M fresh reports: lower the GA weight."""
+    """Diagonality above ``stable_above`` on M fresh reports: lower a GA weight above the
+    one known to align back towards it (never below: the trainer's own schedule decays the
+    weight, and a healthy run at that weight gets no command)."""
     cfg = b.config.anneal
     window = b.window
     weight = window.ga_weight
-    floor = b.config.bounds.ga_weight_min
+    floor = max(b.config.bounds.ga_weight_min, b.config.alignment.rescue_weight)
     if weight is None or weight <= floor:
         return []
     reports = window.last_reports(cfg.min_reports)
