@@ -252,6 +252,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help="tuner, no-tuner or both (e.g. only the tuner arm of new rules)")
     args = parser.parse_args()
     args.data = args.data.resolve()
     args.out = args.out.resolve()
@@ -285,7 +287,8 @@ def main() -> None:
                     budget = args.healthy_cap
                 else:
                     budget = int(args.budget_factor * healthy_steps)
-        jobs = [(recipes[name], arm) for name in chosen if name != "healthy" for arm in ARMS]
+        arms = [arm for arm in ARMS if arm in args.arms.split(",")]
+        jobs = [(recipes[name], arm) for name in chosen if name != "healthy" for arm in arms]
         with ThreadPoolExecutor(args.parallel) as pool:
             outcomes += list(pool.map(lambda job: run_arm(job[0], job[1], budget, args,
                                                           progress), jobs))
