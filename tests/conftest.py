@@ -1,14 +1,35 @@
-"""Shared fixtures: a small real corpus spoken by espeak-ng, and a tiny training config."""
+"""Shared fixtures: a small real corpus spoken by espeak-ng, a tiny training config, and a
+Redis for the integration tests.
+
+The suite runs in parallel (pytest-xdist: ``-n`` in pyproject.toml's addopts). Each worker
+is a process of its own with its own Redis server (so no test sees another worker's global
+keys, dead letters or consumer groups) and one torch thread (several trainers share the two
+cores; more threads than cores makes each of them slower, not faster).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from services.trainer.config import TrainConfig, preset
 
-pytest_plugins = ["tests.telegram_stand_in"]
+pytest_plugins = ["tests.telegram_stand_in", "tests.fault_table"]
+
+# The xdist worker's name ("gw0", ...); None when the suite runs in one process.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In an xdist worker: one torch thread, here and in the processes its tests start."""
+    if XDIST_WORKER:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by trainers and Celery workers
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -62,21 +83,34 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Redis for integration tests; every test uses its own run ids in it.
 
-    ``.ci/run`` starts one when none answers; set SMART_TUNER_TEST_REDIS_URL to use another.
+    SMART_TUNER_TEST_REDIS_URL names one to use. Otherwise an xdist worker starts a private
+    ``redis-server`` on a free port for its session (tests read global keys such as the
+    dead-letter stream and the runs set, which parallel workers would otherwise share), and
+    a single-process run uses the one at 127.0.0.1:6379 that ``.ci/run`` starts when none
+    answers. Database 15, as before: tests/test_runstore.py keeps database 13 to itself.
     """
-    import os
-
     import redis
 
-    url = os.environ.get("SMART_TUNER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    from services.launcher.redis_server import RedisProcess
+
+    url = os.environ.get("SMART_TUNER_TEST_REDIS_URL")
+    server = None
+    if url is None and XDIST_WORKER:
+        server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+        url = server.url.rsplit("/", 1)[0] + "/15"
+    url = url or "redis://127.0.0.1:6379/15"
     try:
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
     except redis.ConnectionError as error:  # pragma: no cover - CI always has one
         pytest.fail(f"integration tests need a Redis at {url}: {error}")
-    return url
+    try:
+        yield url
+    finally:
+        if server is not None:
+            server.stop()
 
 
 @pytest.fixture
