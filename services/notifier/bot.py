@@ -88,7 +88,7 @@ log = logging.getLogger(__name__)
 MUTATING: dict[str, CommandAction] = {
     "pause": "pause", "resume": "resume", "stop": "stop", "lr": "set_lr",
     "ga": "set_guided_attention_weight", "gate": "set_gate_positive_weight",
-    "rollback": "rollback",
+    "spikeguard": "set_spike_guard", "rollback": "rollback",
 }
 DEFAULT_ACTIONS = 5
 MAX_ACTIONS = 20
@@ -96,7 +96,7 @@ STOP_DATA, CANCEL_DATA = "stop", "cancel"  # callback data prefixes of the /stop
 APPROVE_DATA, REJECT_DATA = "approve", "reject"  # ... and of a proposal's buttons
 COMMAND_NAME = re.compile(r"^/([A-Za-z0-9_]+)(?:@\w+)?")
 BOT_MENU = ("status", "report", "alignment", "sample", "actions", "pause", "resume", "stop",
-            "lr", "ga", "gate", "rollback", "help")
+            "lr", "ga", "gate", "spikeguard", "rollback", "help")
 
 Speaker = Callable[[Path, str, str, str], Sample]
 
@@ -449,7 +449,7 @@ async def on_simple(message: TgMessage, command: CommandObject, ctx: BotContext)
 
 
 async def on_value(message: TgMessage, command: CommandObject, ctx: BotContext) -> None:
-    """/lr VALUE [run], /ga VALUE [run], /gate VALUE [run]."""
+    """/lr VALUE [run], /ga VALUE [run], /gate VALUE [run], /spikeguard FACTOR [run]."""
     name = command.command.lower()
     args = _args(command)
     value = _parse_value(args[0]) if args else None
@@ -578,7 +578,7 @@ def build_router(ctx: BotContext) -> Router:
     register(on_actions, CommandFilter("actions"))
     register(on_sample, CommandFilter("sample"))
     register(on_simple, CommandFilter("pause", "resume", "rollback"))
-    register(on_value, CommandFilter("lr", "ga", "gate"))
+    register(on_value, CommandFilter("lr", "ga", "gate", "spikeguard"))
     register(on_stop, CommandFilter("stop"))
     register(on_unknown, F.text.startswith("/"))  # last: only what nothing else took
     router.callback_query.register(

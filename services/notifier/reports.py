@@ -90,6 +90,9 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "lr": "⚙️ LR: {lr} · вес guided attention: {weight}",
         "non_finite": "⚠️ Нечисловые значения на шаге; пропущено шагов: {skipped}",
         "skipped": "⚠️ Пропущено шагов: {skipped}",
+        "spike_guard": "🛡️ Защита от всплесков: ×{factor} медианы · не применено шагов: "
+                       "{guarded}",
+        "spike_guard_off": "🛡️ Защита от всплесков выключена · не применено шагов: {guarded}",
         "alignment_header": "🎯 <b>Выравнивание</b> (шаг {step})",
         "no_alignment": "🎯 Данных о выравнивании пока нет",
         "score_line": "{label}: {value} {arrow}",
@@ -226,6 +229,9 @@ MESSAGES: dict[Language, dict[str, str]] = {
                 "/ga ЗНАЧЕНИЕ — вес guided attention, напр. /ga 2{admin}\n"
                 "/gate ЗНАЧЕНИЕ — вес стоп-кадров гейта (если речь не останавливается), "
                 "напр. /gate 20{admin}\n"
+                "/spikeguard ФАКТОР — не применять шаги, где норма градиента больше "
+                "ФАКТОР × медиана недавних (всплески), напр. /spikeguard 10; 0 — выключить"
+                "{admin}\n"
                 "/rollback — откат к последнему исправному чекпойнту{admin}\n"
                 "/help — эта справка",
         "help_admin": " (админы)",
@@ -242,6 +248,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "usage_lr": "/lr ЗНАЧЕНИЕ [запуск], напр. /lr 1e-4",
         "usage_ga": "/ga ЗНАЧЕНИЕ [запуск], напр. /ga 2",
         "usage_gate": "/gate ЗНАЧЕНИЕ [запуск], напр. /gate 20",
+        "usage_spikeguard": "/spikeguard ФАКТОР [запуск], напр. /spikeguard 10 (0 — выключить)",
         "usage_actions": "/actions [N] [запуск], N от 1 до {max}",
         "rejected_value": "❗ Команда не отправлена: {reason}",
         "sent": "📤 {action}{value} → <code>{run_id}</code>; жду ответа тренера…",
@@ -274,6 +281,8 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "lr": "⚙️ LR: {lr} · guided attention weight: {weight}",
         "non_finite": "⚠️ Non-finite values at this step; skipped steps: {skipped}",
         "skipped": "⚠️ Skipped steps: {skipped}",
+        "spike_guard": "🛡️ Spike guard: ×{factor} the median · steps withheld: {guarded}",
+        "spike_guard_off": "🛡️ Spike guard off · steps withheld: {guarded}",
         "alignment_header": "🎯 <b>Alignment</b> (step {step})",
         "no_alignment": "🎯 No alignment report yet",
         "score_line": "{label}: {value} {arrow}",
@@ -409,6 +418,8 @@ MESSAGES: dict[Language, dict[str, str]] = {
                 "/ga VALUE — set the guided attention weight, e.g. /ga 2{admin}\n"
                 "/gate VALUE — the gate's stop-frame weight (when speech never stops), "
                 "e.g. /gate 20{admin}\n"
+                "/spikeguard FACTOR — withhold steps whose grad norm exceeds FACTOR x the "
+                "recent median (spikes), e.g. /spikeguard 10; 0 switches it off{admin}\n"
                 "/rollback — roll back to the last healthy checkpoint{admin}\n"
                 "/help — this help",
         "help_admin": " (admins)",
@@ -425,6 +436,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "usage_lr": "/lr VALUE [run], e.g. /lr 1e-4",
         "usage_ga": "/ga VALUE [run], e.g. /ga 2",
         "usage_gate": "/gate VALUE [run], e.g. /gate 20",
+        "usage_spikeguard": "/spikeguard FACTOR [run], e.g. /spikeguard 10 (0 switches it off)",
         "usage_actions": "/actions [N] [run], N from 1 to {max}",
         "rejected_value": "❗ Not sent: {reason}",
         "sent": "📤 {action}{value} → <code>{run_id}</code>; waiting for the trainer's ack…",
@@ -661,6 +673,7 @@ def progress_report(run_id: str, metrics: MetricsMessage, report: AlignmentRepor
         lines.append(words["non_finite"].format(skipped=metrics.skipped_steps))
     elif metrics.skipped_steps:
         lines.append(words["skipped"].format(skipped=metrics.skipped_steps))
+    lines.extend(_spike_guard_lines(words, metrics))
     lines.append("")
     if report is None:
         lines.append(words["no_alignment"])
@@ -682,6 +695,17 @@ def progress_report(run_id: str, metrics: MetricsMessage, report: AlignmentRepor
             lines.append(_line(words["earlier_actions"].format(count=hidden), 1))
         lines.extend(_action_line(words, record) for record in actions[hidden:])
     return "\n".join(lines)
+
+
+def _spike_guard_lines(words: Mapping[str, str], metrics: MetricsMessage) -> list[str]:
+    """The spike guard's line: when it is on or has withheld steps (none from a trainer
+    that does not report it, nor while it was never used)."""
+    factor, guarded = metrics.spike_guard, metrics.guarded_steps or 0
+    if factor is None or (not factor and not guarded):
+        return []
+    if not factor:
+        return [words["spike_guard_off"].format(guarded=guarded)]
+    return [words["spike_guard"].format(factor=format_number(factor), guarded=guarded)]
 
 
 def status_report(run_id: str, metrics: MetricsMessage | None, report: AlignmentReport | None,
