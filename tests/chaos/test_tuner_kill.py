@@ -50,6 +50,20 @@ def _tuner(run_id: str, config: Path, redis_url: str, log: Path) -> subprocess.P
         cwd=ROOT, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
 
 
+def _progress(client, key: str, group: str) -> tuple[int, bytes, bool]:
+    """The group's pending count, last delivered id, and whether it has read everything.
+
+    Before the tuner has created its group (a start-up slowed by a busy machine can take
+    longer than every killed tuner lived) nothing is read: all of it is left to do.
+    """
+    info = {g["name"].decode(): g for g in client.xinfo_groups(key)}
+    if group not in info:
+        return 0, b"0-0", False
+    pending = client.xpending(key, group)["pending"]
+    last_delivered = info[group]["last-delivered-id"]
+    return pending, last_delivered, last_delivered == client.xrevrange(key, count=1)[0][0]
+
+
 def test_tuner_sigkill_and_restart(redis_url, run_id, tmp_path, chaos) -> None:
     row = chaos(f"tuner SIGKILL x{KILLS} and restart")
     client = connect(redis_url)
@@ -81,10 +95,7 @@ def test_tuner_sigkill_and_restart(redis_url, run_id, tmp_path, chaos) -> None:
         # into the table first
         deadline = time.monotonic() + 60
         while True:
-            pending = client.xpending(metrics_key, group)["pending"]
-            info = {g["name"].decode(): g for g in client.xinfo_groups(metrics_key)}
-            last_delivered = info[group]["last-delivered-id"]
-            read_all = last_delivered == client.xrevrange(metrics_key, count=1)[0][0]
+            pending, last_delivered, read_all = _progress(client, metrics_key, group)
             if (pending == 0 and read_all) or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
