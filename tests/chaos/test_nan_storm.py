@@ -35,15 +35,16 @@ MAX_STEPS = 450
 
 
 @pytest.fixture(scope="module")
-def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The README demo's corpus (600 espeak-ng utterances, about 11 s to speak)."""
+def demo_corpus(tmp_path_factory: pytest.TempPathFactory, critical_path: None) -> Path:
+    """The README demo's corpus (600 espeak-ng utterances, about 11 s to speak); spoken at
+    the critical path's priority, as the test's training is."""
     out = tmp_path_factory.mktemp("demo-corpus")
     build_demo_corpus(out, progress=False)
     return out
 
 
 def test_nan_storm_rolls_back_and_the_run_still_succeeds(demo_corpus, tmp_path, redis_url,
-                                                         run_id, chaos) -> None:
+                                                         run_id, chaos, critical_path) -> None:
     row = chaos(f"non-finite gradient storm ({STORM_STEPS} steps)")
     cfg = preset("tiny")
     cfg.run.checkpoint_every = CHECKPOINT_EVERY
