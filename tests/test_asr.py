@@ -40,6 +40,7 @@ def recognizer() -> Recognizer:
     return Recognizer()
 
 
+@pytest.mark.slow  # recognises real speech with the bundled model
 def test_speech_is_recognised_and_noise_is_not(recognizer: Recognizer) -> None:
     wav, rate = espeak_reference(SENTENCE)
     heard = recognizer.transcribe(wav, rate)
@@ -57,6 +58,7 @@ def test_speech_is_recognised_and_noise_is_not(recognizer: Recognizer) -> None:
     assert recognizer.transcribe(np.zeros(0, dtype=np.float32), rate) == ""
 
 
+@pytest.mark.slow
 def test_espeaks_own_rendering_is_the_zero_of_the_relative_rate(
         recognizer: Recognizer) -> None:
     cache: dict = {}

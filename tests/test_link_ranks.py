@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -37,6 +38,7 @@ def _rank_main(rank: int, init_file: str, redis_url: str, run_id: str, out: str)
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned rank processes, each importing torch
 def test_only_rank_zero_attaches(tmp_path, redis_url, run_id):
     mp.spawn(_rank_main, args=(str(tmp_path / "pg"), redis_url, run_id, str(tmp_path)),
              nprocs=WORLD, join=True)

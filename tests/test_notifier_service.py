@@ -26,12 +26,14 @@ def _start(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[s
                           check=False)
 
 
+@pytest.mark.slow  # a Python process of its own, importing the service
 def test_notifier_refuses_to_start_without_a_token(tmp_path: Path) -> None:
     result = _start({"SMART_TUNER_NOTIFIER_CHAT_IDS": "42"}, tmp_path)
     assert result.returncode == 2
     assert "SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN" in result.stderr
 
 
+@pytest.mark.slow
 def test_notifier_refuses_a_malformed_token_without_echoing_it(tmp_path: Path) -> None:
     result = _start({"SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN": MALFORMED,
                      "SMART_TUNER_NOTIFIER_CHAT_IDS": "42"}, tmp_path)

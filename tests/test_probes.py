@@ -120,6 +120,7 @@ def test_the_runner_probes_a_snapshot_while_the_model_changes(small_corpus, smal
     assert [r.frames for r in again.results] == [r.frames for r in finished[0].results]
 
 
+@pytest.mark.slow
 def test_training_probes_every_checkpoint_and_ranks_them(small_corpus, small_config,
                                                          tmp_path, one_thread) -> None:
     cfg = small_config
@@ -158,6 +159,7 @@ def test_probes_off_keeps_the_plans_five_and_best_says_why(small_corpus, small_c
         load_checkpoint(run, best=True)
 
 
+@pytest.mark.slow
 def test_once_it_spoke_a_checkpoint_that_no_longer_does_is_no_rollback_target(
         small_corpus, small_config, tmp_path, one_thread) -> None:
     cfg = small_config
@@ -180,6 +182,7 @@ def test_once_it_spoke_a_checkpoint_that_no_longer_does_is_no_rollback_target(
     assert resumed.step == best.step
 
 
+@pytest.mark.slow
 def test_probe_passes_reach_the_bus_and_prometheus(small_corpus, small_config, tmp_path,
                                                    redis_url, run_id, one_thread) -> None:
     """Real Redis and a real metrics endpoint: a probes event per pass, the newest in the

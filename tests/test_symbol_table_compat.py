@@ -9,6 +9,8 @@ from services.trainer.synthesis import Synthesizer
 from services.trainer.text import N_SYMBOLS, N_SYMBOLS_WITHOUT_STRESS
 from services.trainer.training import CHECKPOINT_DIR, Trainer
 
+pytestmark = pytest.mark.slow  # each test trains (and the first extracts the features)
+
 # An untrained model never predicts its stop, so it would run the preset's 400 decoder
 # steps (and Griffin-Lim over 1,200 frames): half a minute on a busy CI core for the same
 # text, symbols and mel channels. These tests are about the symbol table.
