@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
+from services.core.streams import PREFIX, RUNS_KEY
 from services.trainer.config import TrainConfig, preset
 
 pytest_plugins = ["tests.telegram_stand_in", "tests.fault_table"]
@@ -144,3 +146,16 @@ def critical_path() -> Iterator[None]:
         yield
     finally:
         os.setpriority(os.PRIO_PROCESS, 0, before)
+
+
+@pytest.fixture
+def client(redis_url: str, run_id: str) -> Iterator[redis.Redis]:
+    """A Redis client for one run's test (tuner and supervised-mode tests); the run's keys
+    and its RUNS_KEY membership are removed afterwards."""
+    connection = redis.Redis.from_url(redis_url)
+    yield connection
+    keys = list(connection.scan_iter(match=f"{PREFIX}:{run_id}:*"))
+    if keys:
+        connection.delete(*keys)
+    connection.srem(RUNS_KEY, run_id)
+    connection.close()

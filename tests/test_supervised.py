@@ -8,7 +8,6 @@ pressed through the Telegram stand-in, is at the end of the file.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from services.core.schemas import (
     decode,
     encode,
 )
-from services.core.streams import PREFIX, RUNS_KEY, Stream, stream_key, tuner_key
+from services.core.streams import RUNS_KEY, Stream, stream_key, tuner_key
 from services.notifier.planner import ReportPlanner
 from services.notifier.reports import MESSAGES
 from services.tuner import policy
@@ -64,18 +63,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def client(redis_url: str, run_id: str) -> Iterator[redis.Redis]:
-    """A client; the run's keys and its RUNS_KEY membership are removed afterwards."""
-    connection = redis.Redis.from_url(redis_url)
-    yield connection
-    keys = list(connection.scan_iter(match=f"{PREFIX}:{run_id}:*"))
-    if keys:
-        connection.delete(*keys)
-    connection.srem(RUNS_KEY, run_id)
-    connection.close()
 
 
 def tuner(client: redis.Redis, run_id: str, config: TunerConfig,

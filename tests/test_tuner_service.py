@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from services.core.schemas import (
 )
 from services.core.streams import (
     DEAD_LETTER_STREAM,
-    PREFIX,
     RUNS_KEY,
     Stream,
     stream_key,
@@ -40,18 +38,6 @@ CONFIG = TunerConfig.model_validate({
     "grad_norm": {"window": 5, "min_above": 3, "cooldown_steps": 50, "recover_window": 10},
     "service": {"metrics_window": 60, "measure_after_steps": 5},
 })
-
-
-@pytest.fixture
-def client(redis_url: str, run_id: str) -> Iterator[redis.Redis]:
-    """A client; the run's keys and its RUNS_KEY membership are removed afterwards."""
-    connection = redis.Redis.from_url(redis_url)
-    yield connection
-    keys = list(connection.scan_iter(match=f"{PREFIX}:{run_id}:*"))
-    if keys:
-        connection.delete(*keys)
-    connection.srem(RUNS_KEY, run_id)
-    connection.close()
 
 
 def service(client: redis.Redis, run_id: str, consumer: str = "tuner-1",
