@@ -564,7 +564,8 @@ def test_openapi_documents_every_endpoint(http: httpx.Client) -> None:
                 ("get", "/runs/{run_id}/metrics"),
                 ("get", "/runs/{run_id}/diagnostics"), ("get", "/runs/{run_id}/actions"),
                 ("get", "/runs/{run_id}/events"), ("get", "/runs/{run_id}/acks"),
-                ("get", "/runs/{run_id}/alignment.png"), ("post", "/runs/{run_id}/commands")}
+                ("get", "/runs/{run_id}/alignment.png"), ("post", "/runs/{run_id}/commands"),
+                ("post", "/runs/{run_id}/approvals/{action_id}")}
     documented = {(method, path) for path, item in schema["paths"].items() for method in item}
     assert documented == expected
     for method, path in expected:

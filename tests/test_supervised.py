@@ -504,3 +504,37 @@ def test_the_planner_asks_at_once_and_reports_the_end() -> None:
     clock.now += 11
     [late] = planner.tick()  # the approved command is reported as issued without an ack
     assert "command issued" in late.text and "approved (x)" in late.text
+
+
+def test_the_api_answers_a_proposal_the_way_the_bot_does(client: redis.Redis, run_id: str,
+                                                         redis_url: str) -> None:
+    """POST /runs/{run}/approvals/{action}: bearer token, only a proposal awaiting an
+    answer, written to the approvals stream that the tuner reads (real HTTP, real tuner)."""
+    import httpx
+
+    from services.tuner.api import create_app
+    from tests.test_api import serve
+
+    client.sadd(RUNS_KEY, run_id)  # a trainer's first publish puts it there
+    explode(client, run_id, range(10))
+    service = tuner(client, run_id, supervised_config())
+    drive(service)
+    record = proposed(client, run_id)
+    token = "api-token-0123456789abcdef"
+    auth = {"Authorization": f"Bearer {token}"}
+    path = f"/runs/{run_id}/approvals/{record.action_id}"
+    with serve(create_app(redis.Redis.from_url(redis_url), token)) as base, \
+            httpx.Client(base_url=base, timeout=10) as http:
+        assert http.post(path, json={"approved": True}).status_code == 401
+        assert http.post(f"/runs/{run_id}/approvals/nope", headers=auth,
+                         json={"approved": True}).status_code == 404
+        assert http.post(path, headers=auth, json={"approved": "yes please"}
+                         ).status_code == 422
+        accepted = http.post(path, headers=auth, json={"approved": True})
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.json()["approval"]["by"] == "api"
+        drive(service, 1)
+        [command] = read(client, run_id, Stream.COMMANDS, Command)
+        assert command.command_id == record.action_id
+        # decided: no longer a proposal awaiting an answer
+        assert http.post(path, headers=auth, json={"approved": False}).status_code == 404

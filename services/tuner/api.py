@@ -56,6 +56,7 @@ from services.core.schemas import (
     Ack,
     ActionRecord,
     AlignmentReport,
+    Approval,
     Command,
     CommandAction,
     Event,
@@ -437,6 +438,49 @@ def post_command(run_id: RunIdPath, body: CommandRequest, request: Request, resp
         response.status_code = 200
     return CommandAccepted(command_id=command.command_id, stream_id=stream_id, command=command,
                            ack=ack)
+
+
+class ApprovalRequest(BaseModel):
+    """A person's answer to a tuner proposal (supervised mode), as sent to the API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    approved: bool = Field(description="true: send the proposed command; false: drop it")
+
+
+class ApprovalAccepted(BaseModel):
+    """The answer, written to the run's approvals stream; the tuner decides what it does."""
+
+    stream_id: str = Field(description="entry id in the approvals stream")
+    approval: Approval
+
+
+@router.post("/runs/{run_id}/approvals/{action_id}", tags=["commands"],
+             summary="Answer a proposal", status_code=202,
+             dependencies=[Depends(require_token)],
+             responses={404: {"model": ErrorResponse, "description": "Unknown run, or no "
+                              "proposal of that id awaiting an answer"},
+                        422: _json_error("Invalid body or ids", "HTTPValidationError")}
+             | AUTH_ERRORS)
+def post_approval(run_id: RunIdPath, action_id: Annotated[str, Path(
+                      min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")],
+                  body: ApprovalRequest, request: Request, store: Store) -> ApprovalAccepted:
+    """Approve or reject a command the tuner proposed in supervised mode: the same path as
+    the bot's buttons (the run's approvals stream), so the first answer from anywhere wins
+    and a later one is recorded as ignored by the tuner."""
+    if not store.exists(run_id):
+        refuse(request, "unknown_run", f"unknown run {run_id!r}")
+        raise HTTPException(404, detail=f"unknown run {run_id!r}")
+    record = store.latest_action(run_id, action_id)
+    if record is None or record.stage != "proposed":
+        raise HTTPException(404, detail=f"no proposal {action_id!r} awaiting an answer in "
+                                        f"run {run_id!r}")
+    approval = Approval(run_id=run_id, action_id=action_id, approved=body.approved,
+                        by=REQUESTED_BY)
+    stream_id = store.answer(approval)
+    log.info("proposal %s of run %s %s via the API", action_id, run_id,
+             "approved" if body.approved else "rejected")
+    return ApprovalAccepted(stream_id=stream_id, approval=approval)
 
 
 # --------------------------------------------------------------------------- the app
