@@ -39,13 +39,12 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the services package is the repository's
 
-from services.core.schemas import ActionRecord, decode  # noqa: E402
+from services.core.schemas import ActionRecord, Event, decode  # noqa: E402
 from services.core.streams import Stream, stream_key  # noqa: E402
 from services.launcher.redis_server import RedisProcess, free_port  # noqa: E402
+from services.trainer.run_folder import METRICS_FILE, SUMMARY_FILE  # noqa: E402
 
 ARMS = ("tuner", "no-tuner")
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
 POLL_S = 2.0  # progress refresh
 STOP_GRACE_S = 60.0  # after the budget's time cap, before the run is killed
 
@@ -125,9 +124,10 @@ def _decisions(url: str, run_id: str) -> tuple[dict[str, int], dict[str, int]]:
             if record.stage == "issued":
                 commands[record.command.action] += 1
         for _, fields in client.xrange(stream_key(run_id, Stream.EVENTS)):
-            kind = json.loads(fields[b"data"]).get("event", "?")
-            if kind in ("red_flag", "recovered", "indicators_met"):
-                events[kind] += 1
+            event = decode(fields, Event)
+            assert isinstance(event, Event)
+            if event.event in ("red_flag", "recovered", "indicators_met"):
+                events[event.event] += 1
     finally:
         client.close()
     return dict(commands), dict(events)

@@ -21,7 +21,6 @@ from services.core.schemas import (
     Command,
     Event,
     Message,
-    MetricsMessage,
     Proposal,
     Trigger,
     decode,
@@ -40,6 +39,7 @@ from services.tuner.config import (
 from services.tuner.service import ACTIONS_KEY, TunerService
 from tests.notifier_harness import RunningNotifier, notifier_settings
 from tests.telegram_stand_in import RecordedCall, TelegramStandIn
+from tests.test_tuner_service import publish, step_metrics
 
 TIMEOUT_S = 60.0
 
@@ -70,17 +70,6 @@ def tuner(client: redis.Redis, run_id: str, config: TunerConfig,
     """A tuner on its own group, watching only ``run_id``."""
     return TunerService(client, config, group=f"tuner-{run_id}", consumer="tuner-1",
                         runs=[run_id], clock=clock or time.time)
-
-
-def publish(client: redis.Redis, run_id: str, stream: Stream, message: Message) -> None:
-    client.xadd(stream_key(run_id, stream), encode(message))
-
-
-def step_metrics(run_id: str, step: int, grad: float, lr: float = 1e-3) -> MetricsMessage:
-    return MetricsMessage(run_id=run_id, step=step, loss=2.0, mel=1.0, mel_postnet=1.0,
-                          gate=0.1, guided_attention=0.1, objective=2.0 - step * 0.01,
-                          grad_norm=grad, lr=lr, guided_attention_weight=1.0,
-                          clip_threshold=1.0, step_seconds=1.0, finite=True, skipped_steps=0)
 
 
 def explode(client: redis.Redis, run_id: str, steps: range) -> None:
