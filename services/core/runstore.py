@@ -52,7 +52,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACTION_SCAN = 1000  # action records read to find the latest stage of the last N actions
 PROBES_SCAN = 200  # events read back to find the newest probes event
 APPROVAL_TOKEN_CHARS = 16  # hex digits of an approval button's token (fits callback data)
-_APPROVAL_TOKEN = re.compile(rf"^[0-9a-f]{{{APPROVAL_TOKEN_CHARS}}}$")
+_APPROVAL_TOKEN = re.compile(rf"[0-9a-f]{{{APPROVAL_TOKEN_CHARS}}}")  # fullmatch: no "\n"
 
 M = TypeVar("M", bound=Message)
 _STREAM_OF: dict[type[Message], Stream] = {schema: stream for stream, schema in SCHEMAS.items()}
@@ -220,7 +220,7 @@ class RunStore:
 
     def approval_target(self, token: str) -> tuple[str, str] | None:
         """The (run id, action id) a token stands for; None when malformed or expired."""
-        if not _APPROVAL_TOKEN.match(token):
+        if not _APPROVAL_TOKEN.fullmatch(token):
             return None
         raw = self.client.get(approval_token_key(token))
         if raw is None:

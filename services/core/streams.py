@@ -11,6 +11,8 @@ import re
 from enum import StrEnum
 
 PREFIX = "smart-tuner"
+# Also a pydantic/FastAPI pattern (Rust regex: ``$`` is the end of the text there); in Python
+# it is only ever used with ``fullmatch``, since ``re.match``'s ``$`` accepts "run\n".
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _RUN_ID = re.compile(RUN_ID_PATTERN)
 
@@ -49,7 +51,7 @@ DEAD_LETTER_MAXLEN = 10_000
 
 def validate_run_id(run_id: str) -> str:
     """Return ``run_id`` if it is safe inside a key name, else raise ValueError."""
-    if not _RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
         raise ValueError(f"invalid run id {run_id!r}: 1-64 of [A-Za-z0-9_.-], not starting "
                          "with a punctuation mark")
     return run_id
