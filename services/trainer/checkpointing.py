@@ -209,8 +209,8 @@ class Checkpointing:
         """Restore the weights and data position of ``checkpoint`` or the last good one.
 
         The run-time settings (LR, guided attention weight, clip threshold, gate weight,
-        spike guard) and the history (overrides, skipped and guarded step counts) stay as
-        they are: a rollback is
+        spike guard), the history (overrides, skipped and guarded step counts) and the
+        utterances left out stay as they are: a rollback is
         usually paired with a corrective setting, which must not be undone by it. The
         trainer's step moves back; returns what was restored (None: nothing to restore).
         """
@@ -220,9 +220,10 @@ class Checkpointing:
         if loaded is None:
             return None
         kept = (list(trainer.overrides), trainer.skipped_steps, trainer.guarded_steps,
-                trainer.engine.settings())
+                trainer.engine.settings(), set(trainer.feed.excluded))
         self.restore(trainer, loaded)
-        trainer.overrides, trainer.skipped_steps, trainer.guarded_steps, settings = kept
+        (trainer.overrides, trainer.skipped_steps, trainer.guarded_steps, settings,
+         trainer.feed.excluded) = kept
         trainer.engine.restore_settings(settings)
         self.health.skips = 0
         return loaded

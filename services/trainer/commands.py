@@ -211,7 +211,9 @@ class CommandHandler:
                 info = trainer.rollback(source)
                 if info is None:
                     return reply("rejected", "no healthy checkpoint to roll back to")
-                return reply("applied", f"rolled back to {info.file}", float(step),
+                exclusion = trainer.quarantine.last
+                skipped = f"; {exclusion.describe()}" if exclusion is not None else ""
+                return reply("applied", f"rolled back to {info.file}{skipped}", float(step),
                              float(info.step))
             case "checkpoint_now":
                 info = trainer.save_checkpoint()

@@ -151,6 +151,12 @@ class RunConfig(_Strict):
     max_steps: int = Field(100_000, ge=1)
     seed: int = 1234
     num_workers: int = Field(0, ge=0)
+    skip_failed_batches: bool = Field(
+        True, description="a rollback leaves out the utterances of the failed steps it undoes "
+                          "(services/trainer/quarantine.py)")
+    skip_max_share: float = Field(
+        0.1, ge=0, le=1, description="at most this share of the training utterances is ever "
+                                     "left out that way")
 
 
 class TextConfig(_Strict):

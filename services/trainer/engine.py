@@ -21,7 +21,7 @@ from services.trainer import distributed
 from services.trainer.config import TrainConfig
 from services.trainer.dataset import Batch
 from services.trainer.distributed import DistInfo
-from services.trainer.faults import FaultPlan, inject
+from services.trainer.faults import FaultInjector, FaultPlan
 from services.trainer.gradients import GradientClipper, SpikeGuard
 from services.trainer.losses import GuidedAttentionWeight, LossTerms, tacotron_loss
 from services.trainer.model import Tacotron2, TacotronOutput
@@ -116,7 +116,7 @@ class StepEngine:
         self.model = model
         self.device = device
         self.dist = dist
-        self.fault = fault
+        self.fault = FaultInjector(fault)
         self.optimizer = make_optimizer(model, cfg.optim)
         self.lr = LearningRate(self.optimizer, cfg.optim)
         self.ga_weight = GuidedAttentionWeight(cfg.optim)
@@ -178,7 +178,7 @@ class StepEngine:
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         self.optimizer.zero_grad(set_to_none=True)
         output, terms = self.forward(batch.to(self.device), step)
-        terms.total = inject(self.fault, step, terms.total, output.mel)
+        terms.total = self.fault.apply(step, batch.ids, terms.total, output.mel)
         norm = math.nan
         threshold = self.clipper.current_threshold()
         if self.ddp is None:

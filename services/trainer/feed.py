@@ -46,6 +46,10 @@ class Feed:
         # Where the stream stands: the next batch is batch ``batch_in_epoch`` of ``epoch``.
         self.epoch = 0
         self.batch_in_epoch = 0
+        # Utterances left out of training from now on (services/trainer/quarantine.py). The
+        # batches keep their places in the epoch, so positions mean the same with or
+        # without them: a resume or a rollback lands where it did.
+        self.excluded: set[str] = set()
         # Rank 0 fills the feature cache first; the other ranks then only read it.
         distributed.in_turns(dist, lambda: self._prepare(cache_dir, progress))
 
@@ -81,14 +85,18 @@ class Feed:
         self.frames_per_symbol = frames_per_symbol(self.train_set.mel_lengths,
                                                    self.train_set.text_lengths)
 
-    def state_dict(self) -> dict[str, int]:
-        """The position a checkpoint keeps (the keys of the checkpoint format)."""
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+    def state_dict(self) -> dict[str, Any]:
+        """The position a checkpoint keeps, and the utterances left out (the keys of the
+        checkpoint format)."""
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "excluded_utterances": sorted(self.excluded)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from the position ``state_dict`` saved (a checkpoint's dict)."""
+        """Continue from the position ``state_dict`` saved (a checkpoint's dict; one from
+        before exclusions excludes nothing)."""
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.excluded = set(state.get("excluded_utterances", ()))
 
     def batches(self) -> Iterator[Batch]:
         """Endless batches; resumes inside an epoch exactly where the position says.
@@ -112,4 +120,9 @@ class Feed:
                     break
                 indices = batches[self.batch_in_epoch]
                 self.batch_in_epoch += 1
+                if self.excluded:
+                    indices = [i for i in indices
+                               if self.train_set.utterances[i].id not in self.excluded]
+                    if not indices:
+                        continue  # every utterance of it left out: the next one
                 yield self.collate([self.train_set[i] for i in indices])

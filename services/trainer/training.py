@@ -68,6 +68,7 @@ from services.trainer.lockstep import (
 from services.trainer.model import Tacotron2, count_parameters
 from services.trainer.probes import ProbeSummary
 from services.trainer.probing import Probing, make_probe_runner
+from services.trainer.quarantine import Quarantine
 from services.trainer.run_folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -206,6 +207,8 @@ class Trainer:
         self.checkpointing = Checkpointing(cfg, self.run_folder, self.dist)
         self.verdicts = Verdicts(cfg.probes.enabled)
         self.control = make_control(self.dist)
+        self.quarantine = Quarantine(len(self.feed.train_set), cfg.run.skip_failed_batches,
+                                     cfg.run.skip_max_share)
 
         # The loop's counters and history (a checkpoint keeps them; checkpointing.py).
         self.step = 0
@@ -322,8 +325,10 @@ class Trainer:
                  ) -> CheckpointInfo | None:
         """Restore the weights and data position of the last good checkpoint.
 
-        The run-time settings and the history stay as they are now (a rollback is usually
-        paired with a corrective setting, which must not be undone by it); see
+        The utterances of the failed steps it undoes are left out from then on
+        (services/trainer/quarantine.py; ``quarantine.last`` says which). The run-time
+        settings and the history stay as they are now (a rollback is usually paired with a
+        corrective setting, which must not be undone by it); see
         ``Checkpointing.rollback``. ``checkpoint`` restores that one instead: how the
         other ranks follow rank 0's.
         """
@@ -332,6 +337,11 @@ class Trainer:
         if loaded is None:
             return None
         self._record_override("rollback", float(step), float(self.step), source)
+        excluded = len(self.feed.excluded)
+        exclusion = self.quarantine.exclude_undone(self.step, self.feed.excluded)
+        if exclusion.ids:
+            self._record_override("skip_utterances", float(excluded),
+                                  float(len(self.feed.excluded)), source)
         self.control.share(SetterCall("rollback", None, source, loaded))
         return loaded.info
 
@@ -359,6 +369,10 @@ class Trainer:
         """
         started = time.perf_counter()
         out = self.engine.step(batch, self.step)
+        failure = ("non-finite" if not out.finite else "withheld spike" if out.guarded
+                   else "spike" if out.grad_norm > indicators.GRAD_NORM_RED_FLAG else None)
+        if failure is not None:
+            self.quarantine.note(self.step, batch.ids, failure)
         if out.guarded:
             # The weights did not move: neither the health rule nor the indicator window
             # sees the spike, only the count does.
