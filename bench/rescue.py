@@ -66,8 +66,9 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("lr_low", "learning rate 1e-5: crawls, the loss plateaus", ("--lr", "1e-5")),
     Recipe("grad_spikes", "periodic gradient spikes, as fp16 overflow bursts look",
            ("--inject-fault", "grad_spike:start=40,steps=1,every=25,factor=1000")),
-    Recipe("nan_burst", "a burst of non-finite gradients after alignment formed",
-           ("--inject-fault", "nan_grad:start=130,steps=8")),
+    Recipe("nan_burst", "a burst of non-finite gradients after alignment formed, from three "
+           "batches whose utterances fault again whenever they come back (as corrupt "
+           "recordings do)", ("--inject-fault", "nan_grad:start=130,steps=3,replay=1")),
     Recipe("collapse", "alignment forms, then guided attention is removed and it collapses",
            ("--inject-fault", "ga_off:start=80")),
     Recipe("gate_never", "the gate never fires at inference: positive weight far too low",
