@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -140,7 +141,10 @@ def test_publisher_survives_an_outage_and_reports_overflow_exactly(tmp_path, run
              client.xrange(stream_key(run_id, Stream.METRICS))]
     assert steps == list(range(31, 51))  # the newest 20 survived, in order
     events = [decode(f, Event) for _, f in client.xrange(stream_key(run_id, Stream.EVENTS))]
-    assert [(e.event, e.data["dropped"]) for e in events] == [("events_dropped", 30)]
+    # the outage is announced (what failed, how long), then the loss, exactly
+    assert [e.event for e in events] == ["recovered", "events_dropped"]
+    assert events[0].data["error_kind"] == "connection" and events[0].data["outage_s"] > 0
+    assert events[1].data["dropped"] == 30
     publisher.close()
     server.stop()
 
@@ -209,3 +213,94 @@ def test_attention_is_compressed_only_when_it_pays():
     short = packed_diffuse.model_copy(update={"data": packed_diffuse.data[:-8]})
     with pytest.raises(MessageError):
         short.to_array()
+
+
+# ------------------------------------------------------------------ Redis refusing writes
+
+OUTAGE_ERRORS = 3  # failed attempts to wait for: retried, yet logged once
+
+
+def _refuse_writes(client: redis.Redis, how: str, dead_port: int) -> None:
+    """Make a live Redis answer every write with an error reply: OOM or READONLY."""
+    if how == "OOM":
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)
+    else:  # a replica of a master that is not there: it keeps its data, refuses writes
+        client.replicaof("127.0.0.1", dead_port)
+
+
+def _take_writes(client: redis.Redis, how: str) -> None:
+    if how == "OOM":
+        client.config_set("maxmemory", 0)
+    else:
+        client.replicaof("NO", "ONE")
+
+
+def _wait_for(condition, timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.parametrize("how", ["OOM", "READONLY"])
+def test_publisher_keeps_buffering_while_redis_refuses_writes(tmp_path, run_id, how, caplog):
+    from services.launcher.redis_server import free_port
+
+    server = RedisProcess(tmp_path).start()
+    try:
+        client = connect(server.url)
+        publisher = Publisher(connect(server.url), run_id)
+        publisher.publish(Stream.METRICS, _metrics(run_id, 0))
+        assert publisher.flush(5)
+        _refuse_writes(client, how, free_port())
+        with caplog.at_level(logging.WARNING, logger="services.core.bus"):
+            for step in range(1, 21):
+                publisher.publish(Stream.METRICS, _metrics(run_id, step))
+            # it retries (several failed attempts), and the thread lives through them all
+            assert _wait_for(lambda: publisher.stats.errors_by_kind.get(how, 0)
+                             >= OUTAGE_ERRORS)
+            assert publisher.running()
+            assert not publisher.stats.connected and publisher.stats.buffered == 20
+            refusals = [r for r in caplog.records if how in r.getMessage()]
+            assert len(refusals) == 1, [r.getMessage() for r in caplog.records]  # once
+        _take_writes(client, how)
+        assert publisher.flush(15)
+        steps = [decode(f, MetricsMessage).step for _, f in
+                 client.xrange(stream_key(run_id, Stream.METRICS))]
+        assert steps == list(range(21))  # nothing buffered was lost, nothing twice
+        events = [decode(f, Event) for _, f in
+                  client.xrange(stream_key(run_id, Stream.EVENTS))]
+        assert [e.event for e in events] == ["recovered"]  # once Redis takes writes again
+        assert events[0].data["error_kind"] == how and how in events[0].data["error"]
+        assert events[0].data["outage_s"] > 0 and events[0].severity == "warning"
+        assert publisher.stats.outages == 1 and publisher.stats.connected
+        assert publisher.stats.dropped == 0
+        publisher.close()
+    finally:
+        server.stop()
+
+
+def test_a_dead_publisher_thread_is_noticed_and_restarted(redis_url, run_id, caplog):
+    client = connect(redis_url)
+    calls = []
+
+    def dies_once(stream, message, entry_id):  # whatever ends the thread, not an Exception
+        calls.append(entry_id)
+        if len(calls) == 1:
+            raise SystemExit("publisher thread killed")
+
+    publisher = Publisher(client, run_id, on_send=dies_once)
+    publisher.publish(Stream.METRICS, _metrics(run_id, 0))
+    assert _wait_for(lambda: not publisher.running())  # today: dead, and nothing says so
+    with caplog.at_level(logging.ERROR, logger="services.core.bus"):
+        for step in range(1, 6):
+            publisher.publish(Stream.METRICS, _metrics(run_id, step))
+    assert publisher.running() and publisher.stats.thread_restarts == 1
+    assert any("publisher thread" in r.getMessage() for r in caplog.records)
+    assert publisher.close()
+    steps = [decode(f, MetricsMessage).step for _, f in
+             client.xrange(stream_key(run_id, Stream.METRICS))]
+    assert steps == list(range(6))

@@ -112,6 +112,55 @@ def test_observer_counts_deltas_and_restarts_the_plateau_on_rollback() -> None:
     assert value("smart_tuner_trainer_steps_since_loss_improved", {"run": "r"}) == 0
 
 
+def test_observer_exports_the_publishers_health() -> None:
+    """Redis refusing writes, and a publisher thread that had to be restarted, show in the
+    trainer's metrics: errors by kind, the outage's start, restarts, the thread alive."""
+    metrics = TrainerMetrics()
+    stats = PublisherStats(buffered=40, connected=False)
+    stats.errors_by_kind.update({"OOM": 3, "connection": 1})
+    stats.outages, stats.outage_since, stats.thread_restarts = 2, 1_700_000_000.0, 1
+    observer = PrometheusObserver(metrics, "r", bus=lambda: (stats, 10_000, 0))
+
+    class FakeState:
+        restarts, consecutive_restarts = 0, 0
+
+    class FakeTrainer:
+        run_state = FakeState()
+
+    from services.trainer.training import StepMetrics
+
+    def step(n: int) -> None:
+        observer.on_step(FakeTrainer(), StepMetrics(  # type: ignore[arg-type]
+            step=n, loss=1.0, mel=0.1, mel_postnet=0.1, gate=0.1, guided_attention=0.0,
+            objective=1.0, grad_norm=2.0, lr=1e-3, guided_attention_weight=1.0,
+            gate_positive_weight=5.0, clip_threshold=1.0, step_seconds=0.1, finite=True,
+            skipped_steps=0))
+
+    step(1)
+    value = metrics.registry.get_sample_value
+    assert value("smart_tuner_bus_publish_errors_total", {"run": "r", "kind": "OOM"}) == 3
+    assert value("smart_tuner_bus_publish_errors_total",
+                 {"run": "r", "kind": "connection"}) == 1
+    assert value("smart_tuner_bus_publisher_connected", {"run": "r"}) == 0
+    assert value("smart_tuner_bus_publisher_outage_start_timestamp_seconds",
+                 {"run": "r"}) == 1_700_000_000.0
+    assert value("smart_tuner_bus_publisher_outages_total", {"run": "r"}) == 2
+    assert value("smart_tuner_bus_publisher_thread_restarts_total", {"run": "r"}) == 1
+    assert value("smart_tuner_bus_publisher_alive", {"run": "r"}) == 1
+    stats.errors_by_kind["OOM"] = 5  # counted as deltas, never twice
+    stats.connected, stats.outage_since = True, None
+    step(2)
+    assert value("smart_tuner_bus_publish_errors_total", {"run": "r", "kind": "OOM"}) == 5
+    assert value("smart_tuner_bus_publisher_connected", {"run": "r"}) == 1
+    assert value("smart_tuner_bus_publisher_outage_start_timestamp_seconds",
+                 {"run": "r"}) == 0
+    # and an alert reads each failure, not only the buffer filling up an hour later
+    exprs = {name: rule["expr"] for name, rule in _rules().items()}
+    assert "smart_tuner_bus_publisher_connected == 0" in exprs["BusPublisherFailing"]
+    assert "smart_tuner_bus_publisher_thread_restarts_total" in \
+        exprs["BusPublisherThreadRestarted"]
+
+
 def test_tuner_metrics_count_decisions_and_dead_letters() -> None:
     metrics = TunerMetrics()
     metrics.decided("r", "grad_norm", "set_lr")

@@ -1,9 +1,14 @@
 """The Redis Streams event bus: a publisher that never blocks, consumers that never die.
 
 ``Publisher.publish`` only appends to a bounded in-process buffer; a background thread
-writes to Redis in pipelined batches. While Redis is down the buffer holds the newest
-``buffer_size`` messages and the thread retries with back-off; what the bound pushes out is
-counted (``dropped``) and reported once Redis is back, never silently lost.
+writes to Redis in pipelined batches. While Redis is down, or up but refusing writes (an
+error reply: OOM at maxmemory, MISCONF with a full disk, READONLY after a failover), the
+buffer holds the newest ``buffer_size`` messages and the thread retries with back-off; what
+the bound pushes out is counted (``dropped``) and reported once Redis is back, never
+silently lost. Each outage is logged once when it starts, counted by kind
+(``PublisherStats.errors_by_kind``, exported by the trainer) and announced with a
+``recovered`` event, the error and its length, once Redis takes writes again. The thread
+itself is watched: ``publish`` restarts it if anything ever ended it.
 
 ``Consumer`` reads with a consumer group (at-least-once), acks after handling, pages
 through its own pending entries and those a dead consumer left (XAUTOCLAIM), and moves
@@ -36,12 +41,58 @@ RETRY_MAX_S = 2.0
 DEAD_LETTER_RAW_CHARS = 65_536  # of the offending payload: enough to see what was wrong
 # Redis errors that mean "not reachable now"; anything else is a bug and is raised.
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# What the publisher outlives: Redis unreachable, or reachable and refusing the write (an
+# error reply). Buffered telemetry waits for either to pass; neither may end the thread.
+PUBLISH_ERRORS = (redis.RedisError, OSError)
+# Error replies redis-py has no class for keep their code as the first word of the message.
+RESPONSE_CODES = ("MISCONF", "MASTERDOWN", "NOREPLICAS", "BUSY", "LOADING", "NOAUTH",
+                  "WRONGPASS", "NOPERM", "READONLY", "OOM")
+# The bounded set of ``error_kind`` values (and metric labels): a code above, or these.
+ERROR_KIND_CONNECTION = "connection"
+ERROR_KIND_TIMEOUT = "timeout"
+ERROR_KIND_AUTH = "AUTH"
+ERROR_KIND_OTHER = "other"
+ERROR_KINDS = (*RESPONSE_CODES, ERROR_KIND_CONNECTION, ERROR_KIND_TIMEOUT, ERROR_KIND_AUTH,
+               ERROR_KIND_OTHER)
+ERROR_TEXT_CHARS = 300  # of an error in events and stats: the reply, not a novel
 
 
 def connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
     """A client with short timeouts, so an outage is noticed in seconds, not minutes."""
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                 health_check_interval=10)
+
+
+def error_kind(error: BaseException) -> str:
+    """One of ``ERROR_KINDS`` for a failed write: the Redis error code of an error reply
+    (``OOM``, ``READONLY``, ``MISCONF`` ...), else ``connection``, ``timeout`` or ``AUTH``."""
+    if isinstance(error, redis.OutOfMemoryError):
+        return "OOM"
+    if isinstance(error, redis.ReadOnlyError):
+        return "READONLY"
+    if isinstance(error, redis.BusyLoadingError):
+        return "LOADING"
+    if isinstance(error, redis.AuthenticationError | redis.exceptions.AuthorizationError):
+        return ERROR_KIND_AUTH
+    if isinstance(error, redis.exceptions.NoPermissionError):
+        return "NOPERM"
+    if isinstance(error, redis.TimeoutError):
+        return ERROR_KIND_TIMEOUT
+    if isinstance(error, CONNECTION_ERRORS):
+        return ERROR_KIND_CONNECTION
+    if isinstance(error, redis.ResponseError):
+        # The pipeline prefixes "Command # n (...) of pipeline caused error: "; the code
+        # is the first word of what Redis said.
+        reply = str(error).rpartition("caused error: ")[2]
+        code = reply.split(" ", 1)[0]
+        if code in RESPONSE_CODES:
+            return code
+    return ERROR_KIND_OTHER
+
+
+def error_text(error: BaseException) -> str:
+    """``KIND: message``, short: what the reply said, for logs, events and stats."""
+    return f"{error_kind(error)}: {error}"[:ERROR_TEXT_CHARS]
 
 
 @dataclass
@@ -55,6 +106,22 @@ class PublisherStats:
     connected: bool = False
     buffered: int = 0
     errors: deque[str] = field(default_factory=lambda: deque(maxlen=5))  # latest only
+    errors_by_kind: dict[str, int] = field(default_factory=dict)  # failed writes, by kind
+    outages: int = 0  # times writes started failing (each logged once)
+    outage_since: float | None = None  # time.time() the current one began; None: none
+    last_outage_s: float = 0.0  # length of the latest outage that ended
+    thread_restarts: int = 0  # times publish() found the thread dead and started it again
+    alive: bool = True  # the sending thread is running
+
+
+@dataclass
+class _Outage:
+    """Writes failing since ``started`` (monotonic), for the recovery event."""
+
+    started: float
+    wall_started: float
+    first_error: str
+    kind: str
 
 
 class Publisher:
@@ -67,30 +134,72 @@ class Publisher:
         self.buffer_size = buffer_size
         self.on_send = on_send
         self.stats = PublisherStats()
-        self._buffer: deque[tuple[Stream, Message]] = deque()
+        # Each message with its sequence number: a batch is committed by number, so messages
+        # the bound pushed out while the batch was in flight are never confused with others.
+        self._buffer: deque[tuple[int, Stream, Message]] = deque()
+        self._next_seq = 0
+        self._inflight: set[int] = set()
+        self._dropped_inflight: set[int] = set()
+        self._outage: _Outage | None = None
+        self._recovery: Event | None = None  # to announce once Redis takes writes again
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
-        self._thread = threading.Thread(target=self._run, name=f"publisher-{run_id}",
-                                         daemon=True)
-        self._thread.start()
+        self._thread = self._start_thread()
+
+    def _start_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run_guarded, name=f"publisher-{self.run_id}",
+                                  daemon=True)
+        thread.start()
+        self.stats.alive = True
+        return thread
+
+    def running(self) -> bool:
+        """Whether the sending thread is alive."""
+        return self._thread.is_alive()
+
+    def ensure_running(self) -> bool:
+        """Start the sending thread again if something ended it; True if it had to.
+
+        ``publish`` calls this every time, so a dead thread is noticed at the next message
+        (each training step), logged and counted (``stats.thread_restarts``), instead of
+        the buffer silently filling up.
+        """
+        if self._thread.is_alive() or self._stop.is_set():
+            return False
+        with self._lock:
+            if self._thread.is_alive():  # another caller already restarted it
+                return False
+            self.stats.alive = False
+            self.stats.thread_restarts += 1
+            self._inflight.clear()  # the dead thread's batch was never committed: resend
+            log.error("the telemetry publisher thread of run %s had died (restart %d); "
+                      "started it again, %d messages buffered", self.run_id,
+                      self.stats.thread_restarts, len(self._buffer))
+            self._thread = self._start_thread()
+        return True
 
     def publish(self, stream: Stream, message: Message) -> None:
         """Queue ``message`` for ``stream``; returns at once, whatever Redis is doing."""
         with self._lock:
             if len(self._buffer) >= self.buffer_size:
-                self._buffer.popleft()
+                seq = self._buffer.popleft()[0]
+                if seq in self._inflight:  # may still reach Redis: counted back if it does
+                    self._dropped_inflight.add(seq)
                 self.stats.dropped += 1
-            self._buffer.append((stream, message))
+            self._buffer.append((self._next_seq, stream, message))
+            self._next_seq += 1
             self.stats.published += 1
             self.stats.buffered = len(self._buffer)
             self._idle.clear()
+        self.ensure_running()
         self._wake.set()
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until the buffer is empty (True) or the timeout passes (False)."""
+        self.ensure_running()
         self._wake.set()
         return self._idle.wait(timeout_s)
 
@@ -102,27 +211,53 @@ class Publisher:
         self._thread.join(timeout_s)
         return flushed
 
-    def _take_batch(self) -> list[tuple[Stream, Message]]:
+    def _take_batch(self) -> list[tuple[int, Stream, Message]]:
         with self._lock:
-            return [self._buffer[i] for i in range(min(BATCH_SIZE, len(self._buffer)))]
+            batch = [self._buffer[i] for i in range(min(BATCH_SIZE, len(self._buffer)))]
+            self._inflight = {seq for seq, _, _ in batch}
+            return batch
 
-    def _commit_batch(self, count: int) -> None:
+    def _commit(self, sent: set[int]) -> None:
+        """Take the messages numbered ``sent`` out of the buffer: they are in Redis."""
         with self._lock:
-            for _ in range(count):
-                self._buffer.popleft()
-            self.stats.sent += count
+            pending = set(sent)
+            while self._buffer and self._buffer[0][0] in pending:
+                pending.discard(self._buffer.popleft()[0])
+            if pending & {seq for seq, _, _ in self._buffer}:  # a gap: some failed before
+                self._buffer = deque(item for item in self._buffer if item[0] not in pending)
+            # Pushed out by the bound while in flight, yet written: not lost after all.
+            self.stats.dropped -= len(self._dropped_inflight & sent)
+            self._dropped_inflight.clear()
+            self._inflight.clear()
+            self.stats.sent += len(sent)
             self.stats.buffered = len(self._buffer)
-            if not self._buffer:
+
+    def _settle(self) -> None:
+        """Flushed: nothing buffered, and nothing left to announce."""
+        with self._lock:
+            if not self._buffer and self._recovery is None and \
+                    self.stats.dropped <= self.stats.reported_dropped:
                 self._idle.set()
 
-    def _send(self, batch: list[tuple[Stream, Message]]) -> list[str]:
-        """Write a batch in one round trip; returns the new entry ids."""
+    def _send(self, batch: list[tuple[int, Stream, Message]]
+              ) -> tuple[list[tuple[int, Stream, Message, str]], BaseException | None]:
+        """Write a batch in one round trip; returns what was written, with the new entry
+        ids, and the first error reply (None: all written).
+
+        A reply error fails only its own command: with a full memory, or a failover in the
+        middle of the batch, the messages before it are in Redis and must not be sent twice.
+        """
         pipe = self.client.pipeline(transaction=False)
         pipe.sadd(RUNS_KEY, self.run_id)
-        for stream, message in batch:
+        for _, stream, message in batch:
             key = stream_key(self.run_id, stream)
             pipe.xadd(key, encode(message), maxlen=maxlen_for(key), approximate=True)
-        return [_decoded(entry_id) for entry_id in pipe.execute()[1:]]
+        replies = pipe.execute(raise_on_error=False)
+        failed = next((r for r in replies if isinstance(r, Exception)), None)
+        written = [(seq, stream, message, _decoded(reply))
+                   for (seq, stream, message), reply in zip(batch, replies[1:], strict=True)
+                   if not isinstance(reply, Exception)]
+        return written, failed
 
     def _report_drops(self) -> None:
         """After an overflow, say how many were lost as soon as Redis is reachable."""
@@ -140,39 +275,103 @@ class Publisher:
             self.stats.reported_dropped += lost
         log.warning("%s", event.detail)
 
+    def _failed(self, error: BaseException) -> None:
+        """Count a failed write; log the first of an outage (not every retry)."""
+        kind, text = error_kind(error), error_text(error)
+        self.stats.connected = False
+        self.stats.errors.append(text)
+        self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
+        if self._outage is None:
+            self._outage = _Outage(time.monotonic(), time.time(), text, kind)
+            self.stats.outages += 1
+            self.stats.outage_since = self._outage.wall_started
+            log.warning("Redis does not take telemetry of run %s (%s); buffering (%d "
+                        "messages) and retrying with back-off", self.run_id, text,
+                        self.stats.buffered)
+
+    def _recovered(self) -> None:
+        """A write went through: end the outage, and queue the event that says it was."""
+        self.stats.connected = True
+        outage, self._outage = self._outage, None
+        if outage is None:
+            return
+        seconds = round(time.monotonic() - outage.started, 3)
+        self.stats.outage_since = None
+        self.stats.last_outage_s = seconds
+        detail = (f"the telemetry bus refused or missed writes for {seconds:.1f} s "
+                  f"({outage.first_error}); the publisher buffered and has sent them now")
+        self._recovery = Event(
+            run_id=self.run_id, event="recovered", severity="warning", detail=detail,
+            data={"source": "publisher", "error": outage.first_error,
+                  "error_kind": outage.kind, "outage_s": seconds,
+                  "since": outage.wall_started, "dropped_total": self.stats.dropped})
+        log.info("Redis takes telemetry of run %s again after %.1f s (%s)", self.run_id,
+                 seconds, outage.kind)
+
+    def _announce(self) -> None:
+        """Send the recovery event, if one is due; an error leaves it due for next time."""
+        if self._recovery is None:
+            return
+        key = stream_key(self.run_id, Stream.EVENTS)
+        self.client.xadd(key, encode(self._recovery), maxlen=maxlen_for(key),
+                         approximate=True)
+        self._recovery = None
+
+    def _run_guarded(self) -> None:
+        """The thread: ``_run``, with a last word if anything ends it unexpectedly."""
+        try:
+            self._run()
+        except BaseException:  # logged; publish() restarts the thread
+            log.exception("the telemetry publisher thread of run %s died", self.run_id)
+        finally:
+            self.stats.alive = False
+
     def _run(self) -> None:
         delay = RETRY_INITIAL_S
         while True:
             batch = self._take_batch()
-            if not batch:
+            if not batch and self._recovery is None:
                 if self._stop.is_set():
                     return
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
+            written: list[tuple[int, Stream, Message, str]] = []
             try:
-                entry_ids = self._send(batch)
+                if batch:
+                    written, failed = self._send(batch)
+                    self._commit({seq for seq, _, _, _ in written})
+                    if failed is not None:
+                        raise failed
+                self._recovered()
+                self._announce()
                 self._report_drops()
-            except CONNECTION_ERRORS as error:
-                if self.stats.connected or not self.stats.errors:
-                    log.warning("Redis unreachable, buffering telemetry: %s", error)
-                self.stats.connected = False
-                self.stats.errors.append(str(error))
+            except PUBLISH_ERRORS as error:
+                self._failed(error)
+                self._callbacks(written)
                 if self._stop.wait(delay):
                     return
                 delay = min(RETRY_MAX_S, delay * 2)
                 continue
-            if not self.stats.connected:
-                log.info("Redis reachable, sending buffered telemetry")
-            self.stats.connected = True
+            except Exception:  # a bug, not Redis: keep the telemetry, say so, go on
+                log.exception("publisher of run %s: unexpected error; retrying",
+                              self.run_id)
+                self._callbacks(written)
+                if self._stop.wait(RETRY_MAX_S):
+                    return
+                continue
             delay = RETRY_INITIAL_S
-            self._commit_batch(len(batch))
-            if self.on_send is not None:
-                for (stream, message), entry_id in zip(batch, entry_ids, strict=True):
-                    try:
-                        self.on_send(stream, message, entry_id)
-                    except Exception:  # a callback bug must not kill the publisher
-                        log.exception("publisher callback failed for %s", stream.value)
+            self._settle()
+            self._callbacks(written)
+
+    def _callbacks(self, written: list[tuple[int, Stream, Message, str]]) -> None:
+        if self.on_send is None:
+            return
+        for _, stream, message, entry_id in written:
+            try:
+                self.on_send(stream, message, entry_id)
+            except Exception:  # a callback bug must not kill the publisher
+                log.exception("publisher callback failed for %s", stream.value)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from services.core.bus import PublisherStats
+from services.core.bus import ERROR_KINDS, PublisherStats
 from services.core.indicators import Verdict
 from services.core.metrics import DeadLetterCounter
 from services.core.plateau import PlateauClock
@@ -78,6 +78,26 @@ class TrainerMetrics:
                                "Telemetry dropped because the buffer overflowed", ["run"],
                                registry=r)
         self.dead_letters = DeadLetterCounter(r, DEAD_LETTER_CONSUMER)
+        # The publisher's own health: Redis refusing or missing writes (by kind, a bounded
+        # label set: services.core.bus.ERROR_KINDS) and a sending thread that had died.
+        self.publish_errors = Counter("smart_tuner_bus_publish_errors",
+                                      "Failed telemetry writes to Redis, by error kind "
+                                      "(OOM, READONLY, MISCONF, connection ...)",
+                                      ["run", "kind"], registry=r)
+        self.publisher_connected = Gauge("smart_tuner_bus_publisher_connected",
+                                         "1 when the publisher's latest write succeeded",
+                                         ["run"], registry=r)
+        self.outage_start = Gauge("smart_tuner_bus_publisher_outage_start_timestamp_seconds",
+                                  "Unix time the current write outage began; 0: none",
+                                  ["run"], registry=r)
+        self.outages = Counter("smart_tuner_bus_publisher_outages",
+                               "Times telemetry writes started failing", ["run"], registry=r)
+        self.publisher_restarts = Counter("smart_tuner_bus_publisher_thread_restarts",
+                                          "Times the publisher thread was found dead and "
+                                          "started again", ["run"], registry=r)
+        self.publisher_alive = Gauge("smart_tuner_bus_publisher_alive",
+                                     "1 while the publisher's sending thread runs",
+                                     ["run"], registry=r)
         # The inference indicator, from the probes of the newest probed checkpoint.
         self.probes_stop = Gauge("smart_tuner_trainer_probes_stop_ratio",
                                  "Share of inference probes whose gate stops at a sane length",
@@ -123,9 +143,13 @@ class PrometheusObserver(TrainingObserver):
         self.plateau = plateau or PlateauClock()
         self._skipped = 0
         self._dropped = 0
+        # What the counters already hold of the publisher's running totals.
+        self._publisher_counts: dict[str, int] = {}
         self._last_step: int | None = None
         metrics.nonfinite.labels(run_id)  # every series exists from the start, at 0
         metrics.dropped.labels(run_id)
+        metrics.outages.labels(run_id)
+        metrics.publisher_restarts.labels(run_id)
         metrics.paused.labels(run_id).set(0)
 
     def on_step(self, trainer: Trainer, metrics: StepMetrics) -> None:
@@ -165,6 +189,27 @@ class PrometheusObserver(TrainingObserver):
                 series.dropped.labels(run).inc(stats.dropped - self._dropped)
                 self._dropped = stats.dropped
             series.dead_letters.sync(dead)
+            self._publisher_health(stats)
+
+    def _publisher_health(self, stats: PublisherStats) -> None:
+        run, series = self.run_id, self.metrics
+        series.publisher_connected.labels(run).set(1 if stats.connected else 0)
+        series.publisher_alive.labels(run).set(1 if stats.alive else 0)
+        series.outage_start.labels(run).set(stats.outage_since or 0)
+        totals = {f"kind:{kind}": count for kind, count in stats.errors_by_kind.items()
+                  if kind in ERROR_KINDS}
+        totals.update(outages=stats.outages, restarts=stats.thread_restarts)
+        for name, total in totals.items():
+            delta = total - self._publisher_counts.get(name, 0)
+            if delta <= 0:
+                continue
+            self._publisher_counts[name] = total
+            if name == "outages":
+                series.outages.labels(run).inc(delta)
+            elif name == "restarts":
+                series.publisher_restarts.labels(run).inc(delta)
+            else:
+                series.publish_errors.labels(run, name.removeprefix("kind:")).inc(delta)
 
     def on_probes(self, trainer: Trainer, summary: ProbeSummary) -> None:
         """The inference indicator's two numbers and the checkpoint they are from."""
