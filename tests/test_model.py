@@ -77,6 +77,25 @@ def test_prenet_dropout_stays_on_at_inference():
     assert not torch.allclose(first.mel, second.mel)
 
 
+def test_inference_with_a_generator_leaves_the_global_stream_alone():
+    """The probes synthesise in a thread beside training: their dropout masks must come from
+    their own generator, or the training steps' masks depend on when a probe pass ran."""
+    model = _model(2, dropout=True).eval()
+    with torch.no_grad():
+        model.decoder.gate.bias.fill_(-20.0)
+    text = torch.randint(2, 40, (1, 6))
+    torch.manual_seed(5)
+    expected = torch.rand(3)  # what training would draw next
+    torch.manual_seed(5)
+    first = model.infer(text, max_decoder_steps=5,
+                        generator=torch.Generator().manual_seed(9))
+    assert torch.equal(torch.rand(3), expected)
+    again = model.infer(text, max_decoder_steps=5, generator=torch.Generator().manual_seed(9))
+    other = model.infer(text, max_decoder_steps=5, generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(first.mel, again.mel, rtol=0, atol=0)
+    assert not torch.allclose(first.mel, other.mel)
+
+
 def test_inference_stops_at_the_gate_or_the_step_limit():
     model = _model(2).eval()
     with torch.no_grad():

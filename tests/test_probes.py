@@ -90,7 +90,10 @@ def test_an_untrained_model_does_not_stop_and_is_cut_early(small_corpus, small_c
     synthesizer = Synthesizer.from_model(trainer.model, small_config, trainer.store.mean,
                                          trainer.store.std, step=0)
     probes = probes_for(["ru"])
+    stream = torch.get_rng_state()
     summary = run_probes(synthesizer, probes, trainer.frames_per_symbol, step=0)
+    # The probes run beside training: they neither reseed nor consume its random stream.
+    assert torch.equal(torch.get_rng_state(), stream)
     assert summary.n == len(probes)
     for result in summary.results:
         # Untrained, it either never stops or stops at once: neither is speaking.

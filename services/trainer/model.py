@@ -86,10 +86,20 @@ class Prenet(nn.Module):
                                      LinearNorm(dim, dim, bias=False)])
         self.dropout = dropout
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Apply both layers; dropout ignores ``self.training`` on purpose."""
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Apply both layers; dropout ignores ``self.training`` on purpose.
+
+        ``generator`` draws the dropout masks instead of torch's global generator: inference
+        beside a training run (the probes' thread) must neither reseed nor consume the
+        stream the training steps draw from, or training stops being reproducible.
+        """
         for layer in self.layers:
-            x = F.dropout(F.relu(layer(x)), p=self.dropout, training=True)
+            x = F.relu(layer(x))
+            if generator is None:
+                x = F.dropout(x, p=self.dropout, training=True)
+            elif self.dropout > 0:
+                keep = torch.empty_like(x).bernoulli_(1 - self.dropout, generator=generator)
+                x = x * keep / (1 - self.dropout)
         return x
 
 
@@ -217,9 +227,10 @@ class Decoder(nn.Module):
         return mel_out, gate_out, torch.stack(alignments, dim=1)
 
     @torch.no_grad()
-    def infer(self, memory: Tensor, input_lengths: Tensor, max_steps: int
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Free-running decoding until every item's gate fires or ``max_steps``.
+    def infer(self, memory: Tensor, input_lengths: Tensor, max_steps: int,
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Free-running decoding until every item's gate fires or ``max_steps``; the
+        prenet's dropout draws from ``generator`` when given.
 
         Returns mel [B, n_mels, T], gate logits [B, T], alignments [B, steps, N] and the
         number of frames before each item's stop frame (inclusive) as output lengths.
@@ -232,8 +243,8 @@ class Decoder(nn.Module):
         lengths = torch.full((batch,), -1, dtype=torch.long, device=memory.device)
         outputs, gates, alignments = [], [], []
         for k in range(max_steps):
-            frames, gate, state = self.step(self.prenet(frame_in), state, memory, processed,
-                                            mask)
+            frames, gate, state = self.step(self.prenet(frame_in, generator), state, memory,
+                                            processed, mask)
             outputs.append(frames)
             gates.append(gate)
             alignments.append(state.weights)
@@ -331,14 +342,16 @@ class Tacotron2(nn.Module):
 
     @torch.no_grad()
     def infer(self, text: Tensor, input_lengths: Tensor | None = None,
-              max_decoder_steps: int | None = None) -> TacotronOutput:
-        """Free-running synthesis; padded frames of shorter items are zeroed."""
+              max_decoder_steps: int | None = None, generator: torch.Generator | None = None
+              ) -> TacotronOutput:
+        """Free-running synthesis; padded frames of shorter items are zeroed. ``generator``
+        draws the prenet's dropout (default: torch's global generator)."""
         if input_lengths is None:
             input_lengths = torch.full((text.size(0),), text.size(1), dtype=torch.long,
                                        device=text.device)
         memory = self.encode(text, input_lengths)
         mel, gate, alignments, lengths = self.decoder.infer(
-            memory, input_lengths, max_decoder_steps or self.cfg.max_decoder_steps)
+            memory, input_lengths, max_decoder_steps or self.cfg.max_decoder_steps, generator)
         frame_mask = length_mask(lengths, mel.size(2)).unsqueeze(1)
         mel = mel * frame_mask
         mel_postnet = (mel + self.postnet(mel, frame_mask)) * frame_mask

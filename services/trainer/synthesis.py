@@ -74,8 +74,10 @@ class Synthesizer:
         """
         encoded = text_frontend.text_to_sequence(text, language, self.stress)
         ids = torch.tensor([encoded.ids], dtype=torch.long, device=self.device)
-        torch.manual_seed(seed)
-        output = self.model.infer(ids, max_decoder_steps=max_decoder_steps)
+        # A private generator: a probe pass runs beside training, whose random stream a
+        # global reseed would disturb (and make the run irreproducible).
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        output = self.model.infer(ids, max_decoder_steps=max_decoder_steps, generator=generator)
         frames = int(output.output_lengths[0])
         mel = output.mel_postnet[0, :, :frames].cpu()
         r = self.cfg.model.n_frames_per_step
