@@ -786,10 +786,10 @@ def test_a_gate_that_never_fires_gets_a_heavier_positive_weight() -> None:
     assert raised.trigger.metric == "probes_stop" and raised.trigger.value == 25.0
     assert raised.trigger.threshold == indicators.PROBES_STOP_OK
     # Within the cooldown, more failing passes change nothing.
-    sim.run(50)
+    sim.run(20)
     assert only(sim.probes(30.0, never_fired=8), RULE_INFERENCE) == []
     # After it, a second failing pass since the raise raises it again.
-    sim.run(200)
+    sim.run(50)
     (again,) = only(sim.probes(30.0, never_fired=8), RULE_INFERENCE)
     assert again.value == 20.0
     # The effect is read from the next probe pass.
@@ -842,6 +842,23 @@ def test_the_lr_rule_leaves_aligning_runs_good_lrs_and_missing_guided_attention_
     assert [only(s.decisions, RULE_LEARNING_RATE) for s in (rising, good, off)] == [[], [], []]
     assert [d.action for d in only(off.decisions, RULE_ALIGNMENT)] == [
         "set_guided_attention_weight"]
+
+
+def test_a_pass_where_no_probe_stopped_is_evidence_enough() -> None:
+    """Behaviour changed on purpose (issue 12, recorded speech): at the presets' weight a
+    gate that never fired in a whole pass doubles at once; a partial failure still waits
+    for a second pass."""
+    sim = Sim(gate=5.0)
+    sim.run(400)
+    sim.report(0.9)
+    (raised,) = only(sim.probes(0.0, never_fired=12), RULE_INFERENCE,
+                     "set_gate_positive_weight")
+    assert raised.value == 10.0
+    sim.run(60)
+    (again,) = only(sim.probes(0.0, never_fired=12), RULE_INFERENCE)
+    assert again.value == 20.0
+    sim.run(60)
+    assert only(sim.probes(40.0, never_fired=7), RULE_INFERENCE) == []  # partial: wait
 
 
 def test_a_gate_weight_far_too_low_jumps_to_one_that_stops_after_one_pass() -> None:

@@ -184,12 +184,15 @@ class InferenceRule(_Section):
                                  "teacher-forced diagonality the model must already reach")
     stop_below: float = Field(indicators.PROBES_STOP_OK, gt=0, le=100, description=
                               "% of probes that stop, below which a pass counts as failing")
-    min_passes: int = Field(2, ge=1, description="consecutive failing probe passes to act")
+    min_passes: int = Field(2, ge=1, description="consecutive failing probe passes to act "
+                            "(one where no probe stopped at all is enough)")
     gate_factor: float = Field(2.0, gt=1, description="gate positive weight *= factor")
     rescue_weight: float = Field(command_bounds.GATE_WEIGHT_STOPS, gt=0, description="a "
                                  "weight the presets stop with: a lower one jumps here, "
                                  "after one failing pass")
-    cooldown_steps: int = Field(200, ge=1)
+    # Short: the next raise also waits for failing passes since this one, which is the
+    # real brake; a long cooldown only let a gate that never fires keep failing.
+    cooldown_steps: int = Field(50, ge=1)
 
 
 class LearningRateRule(_Section):

@@ -521,10 +521,12 @@ def _inference(b: _Builder) -> list[Decision]:
             or latest.scores.diagonality <= cfg.aligned_above:
         return []
     since = window.memory.last_fired.get(RULE_INFERENCE, -1)
-    # Below the weight the presets stop with, one pass that fails this way is evidence
-    # enough (a second pass costs a whole checkpoint interval).
-    wanted = 1 if weight < cfg.rescue_weight else cfg.min_passes
-    passes = [p for p in window.probes if p.checkpoint_step > since][-wanted:]
+    # Below the weight the presets stop with, or when not one probe stopped, one pass that
+    # fails this way is evidence enough (a second pass costs a whole checkpoint interval).
+    recent = [p for p in window.probes if p.checkpoint_step > since]
+    flat = bool(recent) and recent[-1].stop_percent == 0.0
+    wanted = 1 if weight < cfg.rescue_weight or flat else cfg.min_passes
+    passes = recent[-wanted:]
     if len(passes) < wanted or not all(
             p.stop_percent < cfg.stop_below
             and 2 * sum(not f.stopped for f in p.failures) >= len(p.failures)
