@@ -15,6 +15,13 @@ also written as JSON beside the run folders.
     python bench/rescue.py                     # every recipe, demo corpus, tiny preset
     python bench/rescue.py --quick             # the CI-sized subset
     python bench/rescue.py --recipes ga_off,lr_high --budget 600 --parallel 2
+
+On recorded speech (``smart-tuner corpus --source festvox-ru --out data/ru-real``), every
+run takes the recipe's options after the real-speech recipe's, warm-started from a demo
+model as the README recommends:
+
+    python bench/rescue.py --data data/ru-real --recipes healthy,gate_never \
+        --options "--config config/recipes/ru-real.toml --warm-start runs/demo"
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -168,7 +176,7 @@ def run_arm(recipe: Recipe, arm: str, budget: int, args: argparse.Namespace,
     command = [sys.executable, "-m", "services.cli", "up", "--data", str(args.data),
                "--out", str(run_dir), "--run-id", run_id, "--api-port", str(free_port()),
                "--preset", args.preset, "--seed", str(args.seed), "--max-steps", str(budget),
-               "--until-indicators", "--no-data-check", *recipe.options]
+               "--until-indicators", "--no-data-check", *args.base_options, *recipe.options]
     if arm == "no-tuner":
         command.append("--no-tuner")
     env = {**os.environ, "SMART_TUNER_REDIS_URL": store.url,
@@ -253,11 +261,14 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--options", default="",
+                        help="up options every run takes before its recipe's (quoted)")
     parser.add_argument("--arms", default=",".join(ARMS),
                         help="tuner, no-tuner or both (e.g. only the tuner arm of new rules)")
     args = parser.parse_args()
     args.data = args.data.resolve()
     args.out = args.out.resolve()
+    args.base_options = shlex.split(args.options)
     if not (args.data / "metadata.csv").exists():
         parser.error(f"{args.data}: no metadata.csv (smart-tuner corpus --out {args.data})")
     chosen = QUICK if args.quick else tuple(args.recipes.split(","))
@@ -294,7 +305,8 @@ def main() -> None:
             outcomes += list(pool.map(lambda job: run_arm(job[0], job[1], budget, args,
                                                           progress), jobs))
     console.print(_table(outcomes, recipes))
-    result = {"budget": budget, "healthy_steps": healthy_steps,
+    result = {"data": str(args.data), "options": args.base_options, "preset": args.preset,
+              "budget": budget, "healthy_steps": healthy_steps,
               "recipes": {r.name: r.failure for r in RECIPES if r.name in chosen},
               "outcomes": [asdict(o) for o in outcomes],
               "targets": verdict(outcomes, healthy_steps)}
