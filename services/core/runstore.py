@@ -127,6 +127,11 @@ class RunStore:
         key = stream_key(run_id, _STREAM_OF[schema])
         return self._decode(self.client.xrevrange(key, count=limit), schema)[::-1]
 
+    def newest_entry(self, run_id: str, stream: Stream) -> tuple[str, dict[Any, Any]] | None:
+        """The newest entry of one of the run's streams, undecoded: (entry id, fields)."""
+        newest = self.client.xrevrange(stream_key(run_id, stream), count=1)
+        return (_text(newest[0][0]), newest[0][1]) if newest else None
+
     def latest(self, run_id: str, schema: type[M]) -> M | None:
         """The newest message of the stream carrying ``schema``."""
         newest = self.recent(run_id, schema, 1)

@@ -67,6 +67,20 @@ class Settings(BaseSettings):
     grafana_user: str | None = Field(default=None, description="basic-auth user")
     grafana_password: SecretStr | None = None
     grafana_token: SecretStr | None = Field(default=None, description="service account token")
+    # Control API limits (services/tuner/api.py): what one client can make it spend.
+    api_max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="largest request body; 413 beyond it")
+    api_renders_per_client: int = Field(
+        default=6, ge=1, description="alignment pictures one client may have drawn per window")
+    api_renders_total: int = Field(
+        default=30, ge=1, description="alignment pictures drawn per window, all clients")
+    api_render_window_s: float = Field(default=60.0, gt=0, description="the rate window")
+    api_png_cache_entries: int = Field(
+        default=64, ge=1, description="drawn pictures kept, one per (run, snapshot)")
+    # Retention (services/core/retention.py): a run ended this long ago leaves Redis.
+    retention_days: float = Field(
+        default=14.0, gt=0, description="days after a run's last entry, once it finished or "
+                                        "stopped, before its streams and keys are deleted")
 
 
 def format_validation_error(error: ValidationError, prefix: str = ENV_PREFIX) -> str:

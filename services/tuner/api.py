@@ -4,7 +4,10 @@ Reads come straight from the run's Redis streams; a command is validated exactly
 tuner's own (``schemas.Command`` and ``bounds.check_command``), written to the run's
 ``commands`` stream and, on request, followed until the trainer acks it. Mutating calls
 need ``Authorization: Bearer <SMART_TUNER_API_TOKEN>``; with no token configured they are
-all refused.
+all refused. The token is checked before a request's body is read, and bodies are capped
+(``SMART_TUNER_API_MAX_BODY_BYTES``, 413 beyond it), so a stranger's huge POST costs
+nothing. Drawn alignment pictures are cached per snapshot and their drawing is rate-limited
+per client and in total (429 with ``Retry-After``).
 
 Non-finite floats (a diverged gradient norm is a fact worth showing) are written as
 ``NaN``/``Infinity`` in responses, exactly as on the bus.
@@ -16,8 +19,13 @@ Run it with ``uvicorn --factory services.tuner.api:create_app_from_settings`` (o
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import math
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Annotated, Any, Literal, get_args
@@ -42,6 +50,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
@@ -57,18 +66,21 @@ from services.core.schemas import (
     ActionRecord,
     AlignmentReport,
     Approval,
+    AttentionSnapshot,
     Command,
     CommandAction,
     Event,
     MessageError,
     MetricsMessage,
     ProbeReport,
+    decode,
 )
-from services.core.settings import ConfigError, get_settings
+from services.core.settings import ConfigError, Settings, get_settings
 from services.core.streams import (
     RUN_ID_PATTERN,
+    Stream,
 )
-from services.diagnostics.plots import latest_alignment_png
+from services.diagnostics.plots import render_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +96,16 @@ PNG_MEDIA_TYPE = "image/png"
 OUT_OF_BOUNDS = "out_of_bounds"  # the validation error type of a bounds rejection
 COMMAND_ROUTE = "post_command"  # route name of POST /runs/{run_id}/commands
 UNMATCHED_ROUTE = "<unmatched>"  # route label of requests no route matched
+# Label values a client chooses are folded into OTHER_LABEL unless known, so no request can
+# add a metric series (every series lives as long as the process).
+KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+OTHER_LABEL = "other"
+# Methods that change nothing: no token needed, no body read.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+STATUS_RANGE = range(100, 600)
 
 RejectCause = Literal["disabled", "unauthenticated", "forbidden", "unknown_run", "invalid",
-                      "out_of_bounds"]
+                      "out_of_bounds", "too_large"]
 
 TAGS = [
     {"name": "health", "description": "Liveness of the API and its Redis, Prometheus metrics."},
@@ -150,6 +169,8 @@ class CommandAccepted(BaseModel):
     ack: Ack | None = Field(description="the trainer's ack, when it came within wait_s")
 
 
+BODY_ERRORS = {413: {"model": ErrorResponse,
+                     "description": "Body over SMART_TUNER_API_MAX_BODY_BYTES"}}
 ERROR_404 = {404: {"model": ErrorResponse, "description": "Unknown run"}}
 ERROR_503 = {503: {"model": ErrorResponse, "description": "Redis unreachable"}}
 AUTH_ERRORS = {
@@ -201,12 +222,117 @@ class ApiMetrics:
             "smart_tuner_api_commands_accepted", "Commands written to a commands stream",
             ["action"], registry=self.registry)
         self.commands_rejected = Counter(
-            "smart_tuner_api_commands_rejected", "Command requests refused, by cause",
+            "smart_tuner_api_commands_rejected", "Command (mutating) requests refused, by cause",
             ["cause"], registry=self.registry)
+        self.png_renders = Counter(
+            "smart_tuner_api_png_renders", "Alignment pictures drawn (cache misses)",
+            registry=self.registry)
+        self.png_limited = Counter(
+            "smart_tuner_api_png_rate_limited", "Picture requests refused with 429",
+            registry=self.registry)
         for action in get_args(CommandAction):  # every series exists from the start, at 0
             self.commands_accepted.labels(action)
         for cause in get_args(RejectCause):
             self.commands_rejected.labels(cause)
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """What one client can make the API spend (settings ``SMART_TUNER_API_*``)."""
+
+    max_body_bytes: int = 64 * 1024  # commands are a few hundred bytes
+    renders_per_client: int = 6
+    renders_total: int = 30
+    render_window_s: float = 60.0
+    png_cache_entries: int = 64
+    max_tracked_clients: int = 1024  # the limiter forgets the least recent beyond this
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiLimits:
+        """The limits as configured."""
+        return cls(max_body_bytes=settings.api_max_body_bytes,
+                   renders_per_client=settings.api_renders_per_client,
+                   renders_total=settings.api_renders_total,
+                   render_window_s=settings.api_render_window_s,
+                   png_cache_entries=settings.api_png_cache_entries)
+
+
+class _Bucket:
+    """A token bucket: ``capacity`` tokens, refilled at ``capacity / window_s`` per second."""
+
+    def __init__(self, capacity: int, window_s: float, now: float):
+        self.capacity = capacity
+        self.rate = capacity / window_s
+        self.tokens = float(capacity)
+        self.at = now
+
+    def wait(self, now: float) -> float:
+        """Seconds until one token is there (0: one is there now); refills first."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+
+class RenderLimiter:
+    """Rate limit of picture drawing: ``per_client`` per ``window_s`` for each client and
+    ``total`` for all together. Pure logic over an injected clock; thread-safe (FastAPI runs
+    sync endpoints in a thread pool)."""
+
+    def __init__(self, per_client: int, total: int, window_s: float,
+                 max_clients: int = 1024, clock: Callable[[], float] = time.monotonic):
+        self.per_client = per_client
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self.clock = clock
+        self.total = _Bucket(total, window_s, clock())
+        # LRU: a client forgotten comes back with a full bucket; the total still holds.
+        self.clients: OrderedDict[str, _Bucket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def acquire(self, client: str) -> float | None:
+        """Take one drawing for ``client``: None if allowed, else seconds to wait."""
+        with self._lock:
+            now = self.clock()
+            bucket = self.clients.get(client)
+            if bucket is None:
+                bucket = self.clients[client] = _Bucket(self.per_client, self.window_s, now)
+                while len(self.clients) > self.max_clients:
+                    self.clients.popitem(last=False)
+            self.clients.move_to_end(client)
+            wait = max(bucket.wait(now), self.total.wait(now))
+            if wait > 0:
+                return wait
+            bucket.tokens -= 1
+            self.total.tokens -= 1
+            return None
+
+
+PngKey = tuple[str, str, str]  # run id, attention entry id, snapshot id of the report shown
+
+
+class PngCache:
+    """Drawn pictures by (run, snapshot entry, report), least recently used dropped first."""
+
+    def __init__(self, entries: int):
+        self.entries = entries
+        self._pngs: OrderedDict[PngKey, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: PngKey) -> bytes | None:
+        """The picture drawn for ``key``, if kept."""
+        with self._lock:
+            png = self._pngs.get(key)
+            if png is not None:
+                self._pngs.move_to_end(key)
+            return png
+
+    def put(self, key: PngKey, png: bytes) -> None:
+        """Keep ``png`` for ``key``, dropping the least recently used beyond the bound."""
+        with self._lock:
+            self._pngs[key] = png
+            self._pngs.move_to_end(key)
+            while len(self._pngs) > self.entries:
+                self._pngs.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -216,6 +342,9 @@ class ApiContext:
     store: RunStore
     metrics: ApiMetrics
     token: bytes | None = field(repr=False)
+    limits: ApiLimits = field(default_factory=ApiLimits)
+    limiter: RenderLimiter | None = None
+    pngs: PngCache | None = None
 
 
 def get_context(request: Request) -> ApiContext:
@@ -381,19 +510,49 @@ def run_acks(run_id: KnownRun, store: Store, limit: Limit = DEFAULT_LIMIT) -> li
                              "content": {PNG_MEDIA_TYPE: {"schema": {"type": "string",
                                                                      "format": "binary"}}}},
                        404: _json_error("Unknown run, or no picture yet"),
+                       429: _json_error("Too many pictures drawn: see Retry-After"),
                        503: _json_error(ERROR_503[503]["description"])})
-def alignment_png(run_id: KnownRun, store: Store) -> PngResponse:
+def alignment_png(run_id: KnownRun, store: Store, request: Request) -> PngResponse:
     """The PNG the diagnostics worker stored; else sample 0 of the newest attention snapshot,
-    drawn now (with its scores when the newest alignment report is of that snapshot)."""
+    drawn now (with its scores when the newest alignment report is of that snapshot).
+
+    A drawn picture is cached per snapshot; drawing (0.3-0.5 s of CPU) is rate-limited per
+    client and in total, 429 with ``Retry-After`` beyond.
+    """
+    png = store.stored_png(run_id)
+    if png is None:
+        png = _drawn_png(request, store, run_id)
+    return PngResponse(png, headers={"Cache-Control": "no-store"})
+
+
+def _drawn_png(request: Request, store: RunStore, run_id: str) -> bytes:
+    """Sample 0 of the newest snapshot: from the cache, else drawn if the limits allow."""
+    context = get_context(request)
+    newest = store.newest_entry(run_id, Stream.ATTENTION)
+    if newest is None:
+        raise HTTPException(404, detail=f"no alignment picture for run {run_id!r} yet")
+    entry_id, fields = newest
+    report = store.latest(run_id, AlignmentReport)
+    key = (run_id, entry_id, "" if report is None else report.snapshot_id)
+    if context.pngs is not None and (png := context.pngs.get(key)) is not None:
+        return png
+    if context.limiter is not None:
+        client = request.client.host if request.client else OTHER_LABEL
+        wait = context.limiter.acquire(client)
+        if wait is not None:
+            context.metrics.png_limited.inc()
+            raise HTTPException(429, detail="too many alignment pictures drawn; try later",
+                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
     try:
-        png = latest_alignment_png(store, run_id)
+        png = render_snapshot(decode(fields, AttentionSnapshot), report)
     except MessageError as error:
         raise HTTPException(404, detail=f"the newest attention snapshot of run "
                                         f"{run_id!r} does not decode: {error.reason}"
                             ) from error
-    if png is None:
-        raise HTTPException(404, detail=f"no alignment picture for run {run_id!r} yet")
-    return PngResponse(png, headers={"Cache-Control": "no-store"})
+    context.metrics.png_renders.inc()
+    if context.pngs is not None:
+        context.pngs.put(key, png)
+    return png
 
 
 @router.post("/runs/{run_id}/commands", name=COMMAND_ROUTE, tags=["commands"],
@@ -407,7 +566,8 @@ def alignment_png(run_id: KnownRun, store: Store) -> PngResponse:
                         422: _json_error("Invalid command (unknown action, value missing or "
                                          "not taken, outside the trainer's bounds, bad expiry) "
                                          "or run id; each error's msg is the reason",
-                                         "HTTPValidationError")} | AUTH_ERRORS)
+                                         "HTTPValidationError")} | AUTH_ERRORS
+             | BODY_ERRORS)
 def post_command(run_id: RunIdPath, body: CommandRequest, request: Request, response: Response,
                  store: Store, wait_s: Annotated[float, Query(
                      ge=0, le=MAX_WAIT_S, description="wait up to this long for the ack")] = 0.0,
@@ -461,7 +621,7 @@ class ApprovalAccepted(BaseModel):
              responses={404: {"model": ErrorResponse, "description": "Unknown run, or no "
                               "proposal of that id awaiting an answer"},
                         422: _json_error("Invalid body or ids", "HTTPValidationError")}
-             | AUTH_ERRORS)
+             | AUTH_ERRORS | BODY_ERRORS)
 def post_approval(run_id: RunIdPath, action_id: Annotated[str, Path(
                       min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")],
                   body: ApprovalRequest, request: Request, store: Store) -> ApprovalAccepted:
@@ -486,12 +646,33 @@ def post_approval(run_id: RunIdPath, action_id: Annotated[str, Path(
 # --------------------------------------------------------------------------- the app
 
 
-class RequestMetricsMiddleware:
-    """Count every HTTP request by method, route template (not raw path) and status."""
+def method_label(method: str) -> str:
+    """The method as a label: a standard one, else OTHER_LABEL (clients invent methods)."""
+    return method if method in KNOWN_METHODS else OTHER_LABEL
 
-    def __init__(self, app: ASGIApp, counter: Counter):
+
+def status_label(status: int) -> str:
+    """The status as a label (an HTTP status code, else OTHER_LABEL)."""
+    return str(status) if status in STATUS_RANGE else OTHER_LABEL
+
+
+def route_label(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The template of the route that served (or would serve) the request, never the raw
+    path; UNMATCHED_ROUTE when none matches."""
+    route = scope.get("route")
+    if route is None:  # answered before routing (the guard): find the route it was for
+        route = next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
+    return getattr(route, "path", UNMATCHED_ROUTE)
+
+
+class RequestMetricsMiddleware:
+    """Count every HTTP request by method, route template (not raw path) and status; every
+    label a client influences is bounded (method_label, route_label, status_label)."""
+
+    def __init__(self, app: ASGIApp, counter: Counter, routes: Sequence[BaseRoute] = ()):
         self.app = app
         self.counter = counter
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request on, noting the status it was answered with."""
@@ -509,8 +690,105 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_noting_status)
         finally:
-            route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
-            self.counter.labels(scope["method"], route, str(status)).inc()
+            self.counter.labels(method_label(scope["method"]), route_label(scope, self.routes),
+                                status_label(status)).inc()
+
+
+def bearer_refusal(authorization: str | None, token: bytes | None
+                   ) -> tuple[int, RejectCause, str] | None:
+    """Why a mutating request with this Authorization header is refused (status, cause,
+    detail), or None when it carries the token. The same answers as ``require_token``."""
+    if token is None:
+        return 503, "disabled", ("mutating calls are disabled: no API token is configured "
+                                 "(set SMART_TUNER_API_TOKEN)")
+    scheme, _, credentials = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return 401, "unauthenticated", "missing bearer token"
+    if not hmac.compare_digest(credentials.strip().encode("utf-8", "surrogateescape"), token):
+        return 403, "forbidden", "invalid bearer token"
+    return None
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            # Raw bytes; surrogateescape keeps any byte, so the token compare sees them all.
+            return value.decode("utf-8", "surrogateescape")
+    return None
+
+
+class MutationGuardMiddleware:
+    """Before a mutating request's body is read: check its bearer token, then its size.
+
+    A refused request is answered at once, its body never read (the server closes the
+    connection rather than drain it). An admitted body is read here, at most
+    ``max_body_bytes`` of it whatever Content-Length or chunking says (413 beyond), and
+    handed on. ``require_token`` still guards each mutating route behind this.
+    """
+
+    def __init__(self, app: ASGIApp, token: bytes | None, max_body_bytes: int,
+                 on_refuse: Callable[[RejectCause, str], None]):
+        self.app = app
+        self.token = token
+        self.max_body_bytes = max_body_bytes
+        self.on_refuse = on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse, or pass the request on with its (bounded) body."""
+        if scope["type"] != "http" or scope["method"] in SAFE_METHODS:
+            await self.app(scope, receive, send)
+            return
+        refusal = bearer_refusal(_header(scope, b"authorization"), self.token)
+        if refusal is not None:
+            status, cause, detail = refusal
+            self.on_refuse(cause, f"{scope['method']} {scope['path']!r}: {detail}")
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+            await _answer(send, status, detail, headers)
+            return
+        length = _header(scope, b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            await self._too_large(scope, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._too_large(scope, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay() -> AsgiMessage:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        detail = f"request body over {self.max_body_bytes} bytes"
+        self.on_refuse("too_large", f"{scope['method']} {scope['path']!r}: {detail}")
+        await _answer(send, 413, detail, {})
+
+
+async def _answer(send: Send, status: int, detail: str, headers: dict[str, str]) -> None:
+    """A JSON error as an HTTPException's, closing the connection (its body is unread)."""
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+           (b"connection", b"close"),
+           *((name.lower().encode(), value.encode()) for name, value in headers.items())]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _on_validation_error(request: Request, error: RequestValidationError) -> Response:
@@ -528,16 +806,31 @@ async def _on_redis_down(request: Request, error: Exception) -> Response:
     return JSONResponse({"detail": f"Redis unreachable: {error}"}, status_code=503)
 
 
-def create_app(client: redis.Redis, api_token: str | None) -> FastAPI:
+def create_app(client: redis.Redis, api_token: str | None,
+               limits: ApiLimits | None = None) -> FastAPI:
     """The control API over ``client``; an empty or missing ``api_token`` disables commands."""
     app = FastAPI(title=API_TITLE, version=API_VERSION, openapi_tags=TAGS,
                   description=(__doc__ or "").split("\n\n", 1)[1])
     metrics = ApiMetrics()
-    app.state.context = ApiContext(RunStore(client), metrics,
-                                   api_token.encode() if api_token else None)
+    limits = limits or ApiLimits()
+    token = api_token.encode() if api_token else None
+    app.state.context = ApiContext(
+        RunStore(client), metrics, token, limits,
+        RenderLimiter(limits.renders_per_client, limits.renders_total, limits.render_window_s,
+                      limits.max_tracked_clients),
+        PngCache(limits.png_cache_entries))
     if not api_token:
         log.warning("no API token configured: every command request will be refused")
-    app.add_middleware(RequestMetricsMiddleware, counter=metrics.requests)
+
+    def on_refuse(cause: RejectCause, reason: str) -> None:
+        metrics.commands_rejected.labels(cause).inc()
+        log.warning("request refused (%s): %s", cause, reason)
+
+    # Added last runs first: the metrics see every answer, the guard's refusals too.
+    app.add_middleware(MutationGuardMiddleware, token=token,
+                       max_body_bytes=limits.max_body_bytes, on_refuse=on_refuse)
+    app.add_middleware(RequestMetricsMiddleware, counter=metrics.requests,
+                       routes=app.router.routes)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     for error in (redis.ConnectionError, redis.TimeoutError):
         app.add_exception_handler(error, _on_redis_down)
@@ -552,7 +845,7 @@ def create_app_from_settings() -> FastAPI:
     if settings.redis_url is None:
         raise ConfigError("the control API needs SMART_TUNER_REDIS_URL")
     token = settings.api_token.get_secret_value() if settings.api_token else None
-    return create_app(connect(settings.redis_url), token)
+    return create_app(connect(settings.redis_url), token, ApiLimits.from_settings(settings))
 
 
 @lru_cache(maxsize=1)
