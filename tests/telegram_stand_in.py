@@ -48,6 +48,7 @@ FIRST_UPDATE_ID = 100_000
 SUPERGROUP_ID_BELOW = -1_000_000_000_000  # supergroup and channel ids are -100xxxxxxxxxx
 SHUTDOWN_TIMEOUT_S = 1.0  # long polls are woken on stop, so the server closes quickly
 POLL_INTERVAL_S = 0.01  # how often wait_for re-reads the recorded calls
+GARBLED_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: zz\r\n\r\n{}"  # not valid HTTP
 DROPPED = 0  # the status recorded for a call whose connection was closed without an answer
 
 # Tags Telegram's HTML parse mode accepts (the notifier's reports use b and code).
@@ -131,6 +132,7 @@ class _Injected:
     retry_after: int | None = None
     body: str | None = None
     drop: bool = False
+    garble: bool = False
 
 
 @dataclass
@@ -484,31 +486,56 @@ class TelegramStandIn:
             loop.call_soon_threadsafe(updated.set)
 
     def push_message(self, chat_id: int, text: str, user_id: int | None = None,
-                     chat_type: str = "private", username: str = "tester") -> int:
+                     chat_type: str = "private", username: str = "tester",
+                     media: str | None = None, edited_id: int | None = None) -> int:
         """Queue a user's text message for ``getUpdates``; returns its ``update_id``.
 
         A text starting with ``/`` carries a ``bot_command`` entity over its first word
         (``/lr``, ``/status@SmartTunerBot``), as Telegram sends it, so aiogram's ``Command``
-        filter matches.
+        filter matches. With ``media`` (``"photo"`` or ``"document"``) the message is that
+        media and ``text`` is its caption (with ``caption_entities``), as Telegram sends a
+        captioned upload. With ``edited_id`` the update is an ``edited_message``: the user's
+        message ``edited_id`` now reads ``text``.
         """
         user = {"id": user_id if user_id is not None else abs(chat_id), "is_bot": False,
                 "first_name": "Tester", "username": username, "language_code": "en"}
         with self._state.lock:
             message: dict[str, Any] = {
-                "message_id": self._message_id(chat_id),
+                "message_id": edited_id if edited_id is not None
+                else self._message_id(chat_id),
                 "from": user,
                 "chat": self._chat(chat_id, chat_type, username),
                 "date": int(time.time()),
-                "text": text,
             }
+            entities_key = "entities"
+            if media is None:
+                message["text"] = text
+            else:
+                message.update(self._media(media))
+                message["caption"] = text
+                entities_key = "caption_entities"
             if text.startswith("/"):
                 command = text.split(maxsplit=1)[0]
-                message["entities"] = [{"type": "bot_command", "offset": 0,
-                                        "length": _utf16_length(command)}]
+                message[entities_key] = [{"type": "bot_command", "offset": 0,
+                                          "length": _utf16_length(command)}]
+            if edited_id is not None:
+                message["edit_date"] = int(time.time())
             self._state.messages[(chat_id, message["message_id"])] = message
         update_id = next(self._update_ids)
-        self._push({"update_id": update_id, "message": message})
+        kind = "message" if edited_id is None else "edited_message"
+        self._push({"update_id": update_id, kind: message})
         return update_id
+
+    @staticmethod
+    def _media(kind: str) -> dict[str, Any]:
+        """The media part of a user's upload of ``kind`` (``photo`` or ``document``)."""
+        ids = {"file_id": f"{kind}-user", "file_unique_id": f"u-{kind}-user"}
+        if kind == "photo":
+            return {"photo": [{**ids, "width": 90, "height": 90, "file_size": 1000}]}
+        if kind == "document":
+            return {"document": {**ids, "file_name": "notes.txt", "mime_type": "text/plain",
+                                 "file_size": 1000}}
+        raise ValueError(f"no such media kind: {kind}")
 
     def push_callback(self, chat_id: int, user_id: int, data: str, message_id: int) -> int:
         """Queue a press of an inline button with ``data`` under the bot's ``message_id``.
@@ -562,6 +589,11 @@ class TelegramStandIn:
     def drop_next(self, method: str, times: int = 1) -> None:
         """Close the connection of the next ``times`` calls of ``method`` without answering."""
         self._inject(method, [_Injected(DROPPED, "", drop=True) for _ in range(times)])
+
+    def garble_next(self, method: str, times: int = 1) -> None:
+        """Answer the next ``times`` calls of ``method`` with a malformed HTTP response (a
+        broken proxy in front of Telegram), which aiohttp refuses to parse."""
+        self._inject(method, [_Injected(DROPPED, "", garble=True) for _ in range(times)])
 
     # ------------------------------------------------------------------ HTTP
 
@@ -661,6 +693,11 @@ class TelegramStandIn:
             self._state.calls.append(record)
         if injected is not None and injected.drop:
             if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=500)  # never reaches the client: the socket is closed
+        if injected is not None and injected.garble:
+            if request.transport is not None:
+                request.transport.write(GARBLED_RESPONSE)
                 request.transport.close()
             return web.Response(status=500)  # never reaches the client: the socket is closed
         if raw is not None:

@@ -215,12 +215,20 @@ def test_unknown_command_points_to_help(system: System) -> None:
 def test_stranger_is_refused_politely_and_logged(system: System,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     before = system.client.xlen(stream_key(system.run_id, Stream.COMMANDS))
-    with caplog.at_level(logging.WARNING, logger="services.notifier.bot"):
+    with caplog.at_level(logging.INFO, logger="services.notifier.bot"):
         [reply] = ask(system, "/lr 1e-4", chat_id=STRANGER)
-        [reply2] = ask(system, "/status", chat_id=STRANGER)
-    assert reply.params["text"] == EN["refused_chat"] == reply2.params["text"]
-    assert any("999" in r.getMessage() and "allow-list" in r.getMessage()
-               for r in caplog.records)
+        system.telegram.push_message(STRANGER, "/status")
+        registry = system.notifier.notifier.registry
+        deadline = time.monotonic() + 10
+        while registry.get_sample_value("smart_tuner_notifier_bot_refusals_unanswered_total",
+                                        {"reason": "chat"}) != 1.0:
+            assert time.monotonic() < deadline, "the second refusal was not rate-limited"
+            time.sleep(0.05)
+    assert reply.params["text"] == EN["refused_chat"]
+    # One refusal a minute per chat: the second is logged and counted, not answered.
+    assert len(system.telegram.calls("sendMessage", STRANGER)) == 1
+    assert sum("999" in r.getMessage() and "allow-list" in r.getMessage()
+               for r in caplog.records) == 2
     assert system.client.xlen(stream_key(system.run_id, Stream.COMMANDS)) == before
     registry = system.notifier.notifier.registry
     assert registry.get_sample_value("smart_tuner_notifier_bot_refusals_total",

@@ -22,6 +22,7 @@ import logging
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +31,8 @@ from typing import Any
 
 import redis
 from aiogram import BaseMiddleware, F, Router
+from aiogram.dispatcher.flags import get_flag
+from aiogram.dispatcher.middlewares.user_context import EVENT_CHAT_KEY, EVENT_FROM_USER_KEY
 from aiogram.exceptions import TelegramAPIError
 from aiogram.filters import Command as CommandFilter
 from aiogram.filters import CommandObject
@@ -94,7 +97,11 @@ DEFAULT_ACTIONS = 5
 MAX_ACTIONS = 20
 STOP_DATA, CANCEL_DATA = "stop", "cancel"  # callback data prefixes of the /stop buttons
 APPROVE_DATA, REJECT_DATA = "approve", "reject"  # ... and of a proposal's buttons
-COMMAND_NAME = re.compile(r"^/([A-Za-z0-9_]+)(?:@\w+)?")
+MUTATING_FLAG = "mutating"  # handler flag: the admin check applies (AdminMiddleware)
+MINUTE_S = 60.0
+# /actions N: ASCII digits only (str.isdigit takes "²", which int() refuses), and few of
+# them (int() refuses more than 4300 digits; MAX_ACTIONS has two).
+ACTIONS_COUNT = re.compile(r"[0-9]{1,6}")
 BOT_MENU = ("status", "report", "alignment", "sample", "actions", "pause", "resume", "stop",
             "lr", "ga", "gate", "spikeguard", "rollback", "help")
 
@@ -112,8 +119,13 @@ class BotMetrics:
         self.refusals = Counter(
             "smart_tuner_notifier_bot_refusals", "Bot updates refused, by reason",
             ["reason"], registry=self.registry)
+        self.refusals_unanswered = Counter(
+            "smart_tuner_notifier_bot_refusals_unanswered",
+            "Refusals not replied to because of the refusal rate limit (still counted in "
+            "the refusals), by reason", ["reason"], registry=self.registry)
         for reason in ("chat", "admin"):
             self.refusals.labels(reason)
+            self.refusals_unanswered.labels(reason)
 
 
 @dataclass(frozen=True)
@@ -159,12 +171,6 @@ def approval_markup(language: Language, token: str) -> InlineKeyboardMarkup:
     ]])
 
 
-def command_name(text: str | None) -> str | None:
-    """``"/lr@SmartTunerBot 1e-4"`` -> ``"lr"``; None for text that is not a command."""
-    match = COMMAND_NAME.match(text or "")
-    return match.group(1).lower() if match else None
-
-
 def bot_commands(language: str) -> list[BotCommand]:
     """The command menu shown by Telegram clients (setMyCommands)."""
     lines = {line.split(" ", 1)[0].split(",")[0].lstrip("/"): line
@@ -180,54 +186,129 @@ def bot_commands(language: str) -> list[BotCommand]:
 # ---------------------------------------------------------------------------- access
 
 
-class AccessMiddleware(BaseMiddleware):
-    """Refuses chats outside the allow-list and non-admins' mutating commands; turns a Redis
-    outage into a reply instead of a silent failure."""
+class RefusalLimiter:
+    """Which refusals get a reply: at most one per chat per ``interval_s`` and at most
+    ``per_minute`` in all. Refusals share the outbox with alerts, so a flood of strangers
+    must not queue up in front of a red flag; the refusals not answered are still logged
+    and counted by the caller.
 
-    def __init__(self, ctx: BotContext):
+    Only answered refusals are remembered, so the memory is bounded by the limits, not by
+    how many chats knock.
+    """
+
+    def __init__(self, interval_s: float, per_minute: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.per_minute = per_minute
+        self.clock = clock
+        self._last: dict[int, float] = {}  # chat -> when its last refusal was answered
+        self._answered: deque[float] = deque()  # when each refusal of the last minute was
+
+    def allow(self, chat_id: int) -> bool:
+        """Whether a refusal to ``chat_id`` may be sent now (and if so, count it sent)."""
+        now = self.clock()
+        while self._answered and self._answered[0] <= now - MINUTE_S:
+            self._answered.popleft()
+        for chat, at in list(self._last.items()):
+            if at <= now - self.interval_s:
+                del self._last[chat]
+        if chat_id in self._last or len(self._answered) >= self.per_minute:
+            return False
+        self._last[chat_id] = now
+        self._answered.append(now)
+        return True
+
+
+def _describe(event: TelegramObject) -> str:
+    """What an update asked for, for the log (quoted: the text is the sender's)."""
+    if isinstance(event, TgMessage):
+        return repr((event.text or event.caption or "<no text>")[:80])
+    if isinstance(event, CallbackQuery):
+        return f"button {event.data!r}"
+    return type(event).__name__
+
+
+class AccessMiddleware(BaseMiddleware):
+    """The allow-list, on every kind of update (an outer middleware: before any filter).
+
+    Chat and user come from aiogram's event context, which is filled the same way for a
+    message, a captioned upload, an edit or a button press, so no kind of update can name
+    its chat in a field this check does not read. Also turns a Redis outage into a reply
+    instead of a silent failure.
+    """
+
+    def __init__(self, ctx: BotContext, limiter: RefusalLimiter):
         self.ctx = ctx
+        self.limiter = limiter
 
     async def __call__(self, handler: Callable[[TelegramObject, dict[str, Any]],
                                                Awaitable[Any]],
                        event: TelegramObject, data: dict[str, Any]) -> Any:
         ctx = self.ctx
-        if isinstance(event, TgMessage):
-            chat_id, user, what = event.chat.id, event.from_user, event.text or "<no text>"
-            mutating = command_name(event.text) in MUTATING
-        elif isinstance(event, CallbackQuery):
-            message = event.message
-            chat_id = message.chat.id if message is not None else None
-            user, what = event.from_user, f"button {event.data!r}"
-            mutating = True  # every button changes something: /stop's, or a proposal's
-        else:  # pragma: no cover - the router only registers messages and callbacks
-            return await handler(event, data)
-        user_id = user.id if user is not None else None
-        who = f"chat {chat_id}, user {user_id} (@{getattr(user, 'username', None)})"
-        settings = ctx.settings
-        if chat_id not in settings.chat_ids:
+        chat, user = data.get(EVENT_CHAT_KEY), data.get(EVENT_FROM_USER_KEY)
+        chat_id = chat.id if chat is not None else None
+        what = _describe(event)
+        who = _who(chat_id, user)
+        if chat_id not in ctx.settings.chat_ids:
             ctx.metrics.refusals.labels("chat").inc()
-            log.warning("refused %s from %s: chat not in the allow-list", what[:80], who)
-            await self._refuse(event, chat_id, ctx.words["refused_chat"])
-            return None
-        if mutating and settings.admin_ids and user_id not in settings.admin_ids:
-            ctx.metrics.refusals.labels("admin").inc()
-            log.warning("refused %s from %s: not an admin", what[:80], who)
-            await self._refuse(event, chat_id, ctx.words["refused_admin"])
+            log.warning("refused %s from %s: chat not in the allow-list", what, who)
+            await refuse(ctx, self.limiter, event, chat_id, "chat")
             return None
         try:
             return await handler(event, data)
         except (redis.ConnectionError, redis.TimeoutError) as error:
-            log.warning("%s from %s: Redis unreachable: %s", what[:80], who, error)
+            log.warning("%s from %s: Redis unreachable: %s", what, who, error)
             if chat_id is not None:
                 ctx.reply(chat_id, ctx.words["redis_down"].format(reason=escape(error)))
             return None
 
-    async def _refuse(self, event: TelegramObject, chat_id: int | None, text: str) -> None:
-        if isinstance(event, CallbackQuery):
-            # A button press is answered in place; Telegram shows the text as an alert.
-            await event.answer(to_plain_text(text), show_alert=True)
-        elif chat_id is not None:
-            self.ctx.reply(chat_id, text)
+
+class AdminMiddleware(BaseMiddleware):
+    """The admin list, for every handler flagged ``mutating`` (an inner middleware: it runs
+    once a handler's filters have matched, so it judges the handler that is about to run,
+    however its command was spelled or carried: text, caption, button)."""
+
+    def __init__(self, ctx: BotContext, limiter: RefusalLimiter):
+        self.ctx = ctx
+        self.limiter = limiter
+
+    async def __call__(self, handler: Callable[[TelegramObject, dict[str, Any]],
+                                               Awaitable[Any]],
+                       event: TelegramObject, data: dict[str, Any]) -> Any:
+        ctx = self.ctx
+        admins = ctx.settings.admin_ids
+        if not get_flag(data, MUTATING_FLAG) or not admins:
+            return await handler(event, data)
+        chat, user = data.get(EVENT_CHAT_KEY), data.get(EVENT_FROM_USER_KEY)
+        if user is not None and user.id in admins:
+            return await handler(event, data)
+        chat_id = chat.id if chat is not None else None
+        ctx.metrics.refusals.labels("admin").inc()
+        log.warning("refused %s from %s: not an admin", _describe(event), _who(chat_id, user))
+        await refuse(ctx, self.limiter, event, chat_id, "admin")
+        return None
+
+
+def _who(chat_id: int | None, user: Any) -> str:
+    user_id = user.id if user is not None else None
+    return f"chat {chat_id}, user {user_id} (@{getattr(user, 'username', None)})"
+
+
+async def refuse(ctx: BotContext, limiter: RefusalLimiter, event: TelegramObject,
+                 chat_id: int | None, reason: str) -> None:
+    """Tell the sender no: a button press in place (Telegram expects an answer, and it does
+    not go through the outbox), a message through the outbox within the limiter's rate;
+    other updates (edits and the like) get no reply."""
+    text = ctx.words[f"refused_{reason}"]
+    if isinstance(event, CallbackQuery):
+        # Telegram shows the text as an alert; an answer is owed or the button spins.
+        await event.answer(to_plain_text(text), show_alert=True)
+    elif isinstance(event, TgMessage) and chat_id is not None:
+        if limiter.allow(chat_id):
+            ctx.reply(chat_id, text)
+        else:
+            ctx.metrics.refusals_unanswered.labels(reason).inc()
+            log.info("refusal to chat %s not answered: over the refusal rate limit", chat_id)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -257,9 +338,11 @@ def _args(command: CommandObject) -> list[str]:
 
 
 def _parse_value(text: str) -> float | None:
+    """A command's number, or None for anything float() refuses (the caller answers with
+    the usage); out-of-range values, inf and nan are the bounds check's to refuse."""
     try:
         return float(text.replace(",", "."))  # "0,5" is how half is written in Russian
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
 
 
@@ -390,8 +473,10 @@ async def on_actions(message: TgMessage, command: CommandObject, ctx: BotContext
     chat_id = message.chat.id
     args = _args(command)
     count, given = DEFAULT_ACTIONS, None
-    if args and args[0].isdigit():
+    if args and ACTIONS_COUNT.fullmatch(args[0]):
         count = int(args.pop(0))
+    elif args and args[0][:1].isdigit():  # "²", "1²", 5000 nines: a count, but not one
+        count = 0  # int() would not take it: answered with the usage below
     if args:
         given = args.pop(0)
     if not 1 <= count <= MAX_ACTIONS or args:
@@ -411,7 +496,14 @@ async def on_sample(message: TgMessage, command: CommandObject, ctx: BotContext)
     """/sample [text]: the latest checkpoint speaks ``text`` (or the language's pangram)."""
     chat_id = message.chat.id
     settings = ctx.settings
-    text = (command.args or "").strip() or (
+    given = (command.args or "").strip()
+    if len(given) > settings.sample_max_chars:
+        # Synthesis time grows with the text and holds the one synthesis slot.
+        ctx.metrics.commands.labels("sample", "rejected").inc()
+        ctx.reply(chat_id, ctx.words["sample_too_long"].format(
+            length=len(given), max=settings.sample_max_chars))
+        return
+    text = given or (
         settings.sample_text_ru if settings.language == "ru" else settings.sample_text_en)
     run_id = await _run_id(ctx, chat_id, None)
     if run_id is None:
@@ -565,11 +657,21 @@ async def on_unknown(message: TgMessage, ctx: BotContext) -> None:
 
 
 def build_router(ctx: BotContext) -> Router:
-    """A router with every handler, behind access control (a new one per dispatcher)."""
+    """A router with every handler, behind access control (a new one per dispatcher).
+
+    The allow-list and the admin check sit on every kind of update the router could ever
+    see, not only on the ones with handlers today, so a handler added later for edits or
+    channel posts is guarded too. Handlers that change a run are flagged ``mutating``.
+    """
     router = Router(name="smart-tuner")
-    middleware = AccessMiddleware(ctx)
-    router.message.outer_middleware(middleware)
-    router.callback_query.outer_middleware(middleware)
+    limiter = RefusalLimiter(ctx.settings.refusal_interval_s, ctx.settings.refusals_per_minute,
+                             ctx.clock)
+    access, admin = AccessMiddleware(ctx, limiter), AdminMiddleware(ctx, limiter)
+    for name, observer in router.observers.items():
+        if name != "error":
+            observer.outer_middleware(access)
+            observer.middleware(admin)
+    mutating = {MUTATING_FLAG: True}
     register = router.message.register
     register(on_help, CommandFilter("help", "start"))
     register(on_status, CommandFilter("status"))
@@ -577,14 +679,24 @@ def build_router(ctx: BotContext) -> Router:
     register(on_alignment, CommandFilter("alignment"))
     register(on_actions, CommandFilter("actions"))
     register(on_sample, CommandFilter("sample"))
-    register(on_simple, CommandFilter("pause", "resume", "rollback"))
-    register(on_value, CommandFilter("lr", "ga", "gate", "spikeguard"))
-    register(on_stop, CommandFilter("stop"))
+    register(on_simple, CommandFilter("pause", "resume", "rollback"), flags=mutating)
+    register(on_value, CommandFilter("lr", "ga", "gate", "spikeguard"), flags=mutating)
+    register(on_stop, CommandFilter("stop"), flags=mutating)
     register(on_unknown, F.text.startswith("/"))  # last: only what nothing else took
+    # Every button changes something: /stop's, or a proposal's.
     router.callback_query.register(
         on_stop_answer,
-        F.data.startswith(f"{STOP_DATA}:") | F.data.startswith(f"{CANCEL_DATA}:"))
+        F.data.startswith(f"{STOP_DATA}:") | F.data.startswith(f"{CANCEL_DATA}:"),
+        flags=mutating)
     router.callback_query.register(
         on_approval_answer,
-        F.data.startswith(f"{APPROVE_DATA}:") | F.data.startswith(f"{REJECT_DATA}:"))
+        F.data.startswith(f"{APPROVE_DATA}:") | F.data.startswith(f"{REJECT_DATA}:"),
+        flags=mutating)
+    # Every mutating command must reach the admin check: a new one has to be flagged.
+    flagged = {command for handler in router.message.handlers
+               if handler.flags.get(MUTATING_FLAG)
+               for flt in handler.flags.get("commands", ()) for command in flt.commands}
+    if not set(MUTATING) <= flagged:
+        raise RuntimeError(f"mutating commands without the admin check: "
+                           f"{sorted(set(MUTATING) - flagged)}")
     return router

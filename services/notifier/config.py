@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -23,6 +23,9 @@ TOKEN_PATTERN = re.compile(r"^\d{5,20}:[A-Za-z0-9_-]{30,64}$")
 TELEGRAM_API_URL = "https://api.telegram.org"
 WEBHOOK_PATH = "/alertmanager"  # where the notifier receives Alertmanager's notifications
 DEFAULT_PORT = 8001
+MAX_SAMPLE_CHARS = 300  # default cap on /sample text: synthesis is CPU work on a shared box
+WEBHOOK_MAX_BODY_BYTES = 1024 * 1024  # Alertmanager groups of hundreds of alerts fit in it
+MIN_WEBHOOK_BODY_BYTES = 1024
 
 ChatIds = Annotated[tuple[int, ...], NoDecode]
 
@@ -68,12 +71,25 @@ class NotifierSettings(BaseSettings):
                                 min_length=1, max_length=500)
     sample_text_ru: str = Field(default="Съешь же ещё этих мягких французских булок.",
                                 min_length=1, max_length=500)
+    sample_max_chars: int = Field(
+        default=MAX_SAMPLE_CHARS, ge=1, le=4096,
+        description="longest /sample text accepted (longer is refused with a reply)")
+    refusal_interval_s: float = Field(
+        default=60.0, gt=0,
+        description="at most one refusal reply per chat in this many seconds (the rest are "
+                    "logged and counted, not answered)")
+    refusals_per_minute: int = Field(
+        default=3, ge=0, le=1000,
+        description="at most this many refusal replies a minute, all chats together")
     host: str = Field(default="127.0.0.1", description="Alertmanager webhook and /metrics")
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     webhook_token: SecretStr | None = Field(
         default=None, min_length=16,
         description="bearer token Alertmanager must send; unset: the webhook is open "
                     "(bind it to a private network)")
+    webhook_max_body_bytes: int = Field(
+        default=WEBHOOK_MAX_BODY_BYTES, ge=MIN_WEBHOOK_BODY_BYTES, le=64 * 1024 * 1024,
+        description="largest Alertmanager body read; a larger one is answered 413 unread")
 
     @field_validator("telegram_token")
     @classmethod
@@ -90,19 +106,30 @@ class NotifierSettings(BaseSettings):
         return _id_list(value)
 
 
+def _is_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or SecretStr in get_args(annotation)
+
+
+# Every field typed SecretStr (the bot token, the webhook token): never echoed.
+SECRET_FIELDS: tuple[str, ...] = tuple(
+    name for name, info in NotifierSettings.model_fields.items() if _is_secret(info.annotation))
+
+
 def load_notifier_settings(**overrides: Any) -> NotifierSettings:
     """Settings from the environment (``overrides`` win); ConfigError names each bad field.
 
-    The token's value never appears in the error, only its variable's name.
+    No secret's value (a ``SecretStr`` field: the bot token, the webhook token) appears in
+    the error, only its variable's name.
     """
     try:
         return NotifierSettings(**overrides)
     except ValidationError as error:
         message = format_validation_error(error, ENV_PREFIX)
-        secret = overrides.get("telegram_token")
         for item in error.errors():
-            if item["loc"] and item["loc"][0] == "telegram_token":
+            if item["loc"] and item["loc"][0] in SECRET_FIELDS:
                 message = message.replace(repr(item.get("input")), "<hidden>")
-        if isinstance(secret, str) and secret:
-            message = message.replace(secret, "<hidden>")
+        for name in SECRET_FIELDS:
+            secret = overrides.get(name)
+            if isinstance(secret, str) and secret:
+                message = message.replace(secret, "<hidden>")
         raise ConfigError(message) from error

@@ -74,7 +74,7 @@ EVENT_ICONS: dict[str, str] = {
     "run_started": "🚀", "checkpoint_saved": "💾", "restart": "🔄", "red_flag": CRITICAL_MARK,
     "recovered": MET_MARK, "indicators_met": "🏆", "paused": "⏸️", "resumed": "▶️",
     "finished": "🏁", "stopped": "⏹️", "events_dropped": "⚠️", "critical": CRITICAL_MARK,
-    "approval_ignored": "🗳️",
+    "approval_ignored": "🗳️", "checkpoint_failed": CRITICAL_MARK, "checkpoint_recovered": "💾",
 }
 PROPOSAL_MARK = "🗳️"
 
@@ -192,6 +192,8 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "event_critical": "<b>Критическая ошибка</b>",
         "event_probes": "<b>Пробы синтеза</b>",
         "event_approval_ignored": "<b>Ответ на предложение не учтён</b>",
+        "event_checkpoint_failed": "<b>Чекпоинт не записан</b>",
+        "event_checkpoint_recovered": "<b>Чекпоинты снова записываются</b>",
         "event_step": " · шаг {step}",
         "data_line": "{key}: {value}",
         "summary_header": "🏁 <b>Индикаторы успеха</b>: {met}/{total}",
@@ -268,6 +270,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "sample_not_stopped": "не остановился до предела шагов",
         "no_checkpoint": "❗ Нет ни одного исправного чекпойнта в <code>{path}</code>.",
         "sample_failed": "❗ Синтез не удался: {reason}",
+        "sample_too_long": "❗ Слишком длинный текст: {length} симв., можно не больше {max}.",
         "redis_down": "❗ Нет связи с Redis: {reason}",
     },
     "en": {
@@ -381,6 +384,8 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "event_critical": "<b>Critical error</b>",
         "event_probes": "<b>Inference probes</b>",
         "event_approval_ignored": "<b>Answer to a proposal not counted</b>",
+        "event_checkpoint_failed": "<b>Checkpoint not saved</b>",
+        "event_checkpoint_recovered": "<b>Checkpoints are saved again</b>",
         "event_step": " · step {step}",
         "data_line": "{key}: {value}",
         "summary_header": "🏁 <b>Success indicators</b>: {met}/{total}",
@@ -456,6 +461,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "sample_not_stopped": "did not stop before the step limit",
         "no_checkpoint": "❗ No healthy checkpoint in <code>{path}</code>.",
         "sample_failed": "❗ Synthesis failed: {reason}",
+        "sample_too_long": "❗ Text too long: {length} characters, at most {max}.",
         "redis_down": "❗ Redis unreachable: {reason}",
     },
 }

@@ -13,8 +13,9 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from aiogram import Bot, Dispatcher
@@ -37,8 +38,68 @@ from services.notifier.webhook import WebhookContext, create_app
 
 log = logging.getLogger(__name__)
 
+REDACTED = "<redacted>"
 POLLING_TIMEOUT_S = 10  # getUpdates long poll; also bounds how long a stop may take
 STOP_TIMEOUT_S = 10.0
+
+
+class SecretRedactor:
+    """Keeps the notifier's secrets out of every log line while installed.
+
+    The bot token is part of every Bot API URL, and some network errors quote the URL (a
+    proxy's malformed answer makes aiohttp raise a ``ClientResponseError`` with it), which
+    aiogram's polling loop and the outbox then log. Rather than guess every such message,
+    the log record factory is wrapped: a record whose text or traceback holds a secret gets
+    it replaced before any handler formats it, whatever logger made it.
+    """
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        # Longest first, so that a token is replaced whole before any part of it.
+        self.secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+        self.active = False
+        self._previous: Callable[..., logging.LogRecord] | None = None
+        self._factory: Callable[..., logging.LogRecord] | None = None
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret replaced."""
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def _scrub(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a bad format string: logging reports it later
+            return
+        if any(secret in message for secret in self.secrets):
+            record.msg, record.args = self.redact(message), ()
+        if record.exc_info and not record.exc_text:
+            # Formatters use exc_text when it is set, so the traceback is redacted too.
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+
+    def install(self) -> None:
+        """Redact every log record made from now on, by any logger."""
+        previous = self._previous = logging.getLogRecordFactory()
+
+        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = previous(*args, **kwargs)
+            if self.active:
+                self._scrub(record)
+            return record
+
+        self.active = True
+        self._factory = factory
+        logging.setLogRecordFactory(factory)
+
+    def uninstall(self) -> None:
+        """Stop redacting; the factory is restored unless another was installed on top,
+        in which case ours stays in the chain but passes records through."""
+        self.active = False
+        if self._previous is not None and logging.getLogRecordFactory() is self._factory:
+            logging.setLogRecordFactory(self._previous)
+        self._previous = self._factory = None
 
 
 @dataclass
@@ -51,12 +112,18 @@ class Notifier:
     feed: ReportFeed
     server: uvicorn.Server
     registry: CollectorRegistry
+    redactor: SecretRedactor
 
 
 def build(settings: NotifierSettings, redis_url: str,
           policy: DeliveryPolicy | None = None) -> Notifier:
     """Wire the notifier's parts; call from inside the event loop that will run them."""
     registry = CollectorRegistry()
+    secrets = [settings.telegram_token.get_secret_value()]
+    secrets.append(secrets[0].split(":", 1)[-1])  # the secret part alone, too
+    if settings.webhook_token is not None:
+        secrets.append(settings.webhook_token.get_secret_value())
+    redactor = SecretRedactor(secrets)
     session = AiohttpSession(api=TelegramAPIServer.from_base(settings.telegram_api_url))
     bot = Bot(settings.telegram_token.get_secret_value(), session=session)
     outbox = Outbox(bot, policy or DeliveryPolicy(), DeliveryMetrics(registry))
@@ -71,14 +138,25 @@ def build(settings: NotifierSettings, redis_url: str,
     token = settings.webhook_token.get_secret_value().encode() if settings.webhook_token \
         else None
     app = create_app(WebhookContext(outbox, settings.chat_ids, settings.language, registry,
-                                    token))
+                                    token, max_body_bytes=settings.webhook_max_body_bytes))
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
                                            log_level="warning", lifespan="off"))
-    return Notifier(bot, outbox, dispatcher, feed, server, registry)
+    return Notifier(bot, outbox, dispatcher, feed, server, registry, redactor)
 
 
 async def run(notifier: Notifier, stop: asyncio.Event, language: str) -> None:
-    """Run every part until ``stop`` is set, then drain the outbox and close."""
+    """Run every part until ``stop`` is set, then drain the outbox and close.
+
+    No secret reaches a log line meanwhile (``SecretRedactor``).
+    """
+    notifier.redactor.install()
+    try:
+        await _run(notifier, stop, language)
+    finally:
+        notifier.redactor.uninstall()
+
+
+async def _run(notifier: Notifier, stop: asyncio.Event, language: str) -> None:
     with contextlib.suppress(TelegramAPIError):  # the menu is a nicety; never fatal
         await notifier.bot.set_my_commands(bot_commands(language))
     tasks = [

@@ -6,6 +6,10 @@ to retry: 200 when every chat got it, 202 when it is queued and still being retr
 outbox, 503 (after forgetting the alerts, so the retry is not deduplicated away) when a
 chat's delivery finally failed. A payload that does not parse is answered 422 with the
 reason and logged: Alertmanager does not retry 4xx, and retrying would not help.
+
+The bearer token is checked before a byte of the body is read, and the body is read in
+pieces up to ``max_body_bytes`` (413 beyond it, also when Content-Length announces more):
+a stranger's large POST costs neither memory nor parsing.
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import choose_encoder
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from services.notifier.alerts import AlertDeduplicator, AlertmanagerPayload, alerts_report
-from services.notifier.config import WEBHOOK_PATH
+from services.notifier.config import WEBHOOK_MAX_BODY_BYTES, WEBHOOK_PATH
 from services.notifier.delivery import Outbox
 from services.notifier.reports import Language
 
 log = logging.getLogger(__name__)
 
 DELIVERY_WAIT_S = 5.0  # well inside Alertmanager's default webhook timeout
+PREVIEW_BYTES = 200  # how much of a refused body a validation error keeps
 
 
 class WebhookMetrics:
@@ -45,6 +50,10 @@ class WebhookMetrics:
         self.invalid = Counter(
             "smart_tuner_notifier_alert_payloads_invalid",
             "Webhook bodies refused because they did not parse", registry=registry)
+        self.too_large = Counter(
+            "smart_tuner_notifier_alert_payloads_too_large",
+            "Webhook bodies refused unread (413) because they exceed the size cap",
+            registry=registry)
         for status in ("firing", "resolved"):
             for outcome in ("reported", "duplicate"):
                 self.alerts.labels(status, outcome)
@@ -59,6 +68,7 @@ class WebhookContext:
     language: Language
     registry: CollectorRegistry
     token: bytes | None = field(default=None, repr=False)
+    max_body_bytes: int = WEBHOOK_MAX_BODY_BYTES
     dedup: AlertDeduplicator = field(default_factory=AlertDeduplicator)
     metrics: WebhookMetrics = field(init=False)
 
@@ -96,14 +106,54 @@ def _check_token(request: Request,
         raise HTTPException(403, detail="invalid bearer token")
 
 
+def _too_large(ctx: WebhookContext, request: Request, size: str) -> HTTPException:
+    ctx.metrics.too_large.inc()
+    log.warning("refused a webhook body of %s from %s: over the %d-byte cap", size,
+                request.client, ctx.max_body_bytes)
+    return HTTPException(413, detail=f"body over {ctx.max_body_bytes} bytes")
+
+
+async def _read_body(ctx: WebhookContext, request: Request) -> bytes:
+    """The body, read piece by piece and never past the cap; 413 once it is over."""
+    announced = request.headers.get("content-length")
+    if announced is not None and announced.isascii() and announced.isdigit() \
+            and int(announced) > ctx.max_body_bytes:
+        raise _too_large(ctx, request, f"{announced} bytes (announced)")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > ctx.max_body_bytes:
+            raise _too_large(ctx, request, f"over {len(body)} bytes (still coming)")
+    return bytes(body)
+
+
+async def _payload(ctx: WebhookContext, request: Request) -> AlertmanagerPayload:
+    """The body parsed as Alertmanager's payload; 413 or 422 (as FastAPI would) if not."""
+    body = await _read_body(ctx, request)
+    try:
+        return AlertmanagerPayload.model_validate_json(body)
+    except ValidationError as error:
+        errors = [{**item, "loc": ("body", *item["loc"])}
+                  for item in error.errors(include_url=False)]
+        raise RequestValidationError(errors, body=body[:PREVIEW_BYTES]) from error
+
+
 @router.post(WEBHOOK_PATH, summary="Alertmanager webhook receiver",
-             responses={200: {"model": WebhookAnswer}, 202: {"model": WebhookAnswer}})
-async def receive(payload: AlertmanagerPayload, request: Request, response: Response,
+             responses={200: {"model": WebhookAnswer}, 202: {"model": WebhookAnswer},
+                        413: {"description": "the body is over the size cap"}},
+             openapi_extra={"requestBody": {"required": True, "description": (
+                 "Alertmanager's webhook payload (version 4), read only after the token "
+                 "is checked and only up to the size cap"),
+                 "content": {"application/json": {"schema": {"type": "object"}}}}})
+async def receive(request: Request, response: Response,
                   credentials: Annotated[HTTPAuthorizationCredentials | None,
                                          Security(BEARER)] = None) -> WebhookAnswer:
     """Report the fresh alerts of one notification to every allowed chat."""
+    # The body is not a parameter: FastAPI would read and parse all of it before this
+    # function, and so before the token is checked.
     _check_token(request, credentials)
     ctx = _context(request)
+    payload = await _payload(ctx, request)
     fresh = ctx.dedup.fresh(payload)
     fresh_ids = {id(alert) for alert in fresh}
     for alert in payload.alerts:
