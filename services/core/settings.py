@@ -7,10 +7,12 @@ with the offending field named, instead of surfacing as a confusing error mid-ru
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.core.redis_url import redact
 
 ENV_PREFIX = "SMART_TUNER_"
 # Defaults of the diagnostics queue contract (services.core.tasks re-exports them).
@@ -83,12 +85,31 @@ class Settings(BaseSettings):
                                         "stopped, before its streams and keys are deleted")
 
 
+# A field whose name has one of these is a secret: its value is never echoed, however
+# wrong (a too-short token is still most of a token).
+SECRET_FIELD_WORDS = ("token", "password", "secret", "key")
+HIDDEN = "<hidden>"
+SCALARS = (str, int, float, bool, type(None))
+
+
+def shown_input(field: str, value: Any) -> str:
+    """What a config error may say a bad value was: nothing of a secret field (the
+    variable's name says which), a URL with its password masked, a harmless value as is.
+    A dict or list (a whole-model error) is not echoed: it holds every setting."""
+    if any(word in field.lower() for word in SECRET_FIELD_WORDS) or \
+            not isinstance(value, SCALARS):
+        return HIDDEN
+    return redact(repr(value))
+
+
 def format_validation_error(error: ValidationError, prefix: str = ENV_PREFIX) -> str:
-    """Render a pydantic error as one line per field, named as the user would set it."""
+    """Render a pydantic error as one line per field, named as the user would set it; the
+    bad value is echoed only where that cannot leak a secret (``shown_input``)."""
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "<root>"
-        lines.append(f"{prefix}{field.upper()}: {item['msg']} (got {item.get('input')!r})")
+        got = shown_input(field, item.get("input"))
+        lines.append(f"{prefix}{field.upper()}: {redact(item['msg'])} (got {got})")
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 

@@ -10,6 +10,8 @@ import logging
 
 import celery
 
+from services.core.redis_url import celery_ssl_conf
+
 # The defaults are settings; re-exported here, where both sides of the contract look.
 from services.core.settings import DIAGNOSTICS_QUEUE as DIAGNOSTICS_QUEUE
 from services.core.settings import ENV_PREFIX, load_settings
@@ -66,5 +68,6 @@ def make_client(broker_url: str, *, queue: str | None = None,
         result_serializer=SERIALIZER,
         accept_content=[SERIALIZER],
         broker_connection_retry_on_startup=True,
+        **celery_ssl_conf(broker_url),  # rediss://: verified TLS (see redis_url)
     )
     return app

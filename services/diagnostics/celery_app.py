@@ -8,6 +8,11 @@ Run it with::
     celery -A services.diagnostics.celery_app worker --pool prefork --concurrency 2 \\
         -Q diagnostics --loglevel INFO
 
+Redis over TLS: a ``rediss://`` URL (``?ssl_ca_certs=/path/ca.pem`` for a private CA) is
+enough; the broker and the result backend get the same verified-TLS options from it
+(services.core.redis_url.celery_ssl_conf). The password in the URL is masked in every log
+record of the worker (services.core.logging.RedactingFilter on Celery's handlers).
+
 Delivery is at-least-once: a task is acked only after it ran (``task_acks_late``) and is
 requeued when its pool process dies (``task_reject_on_worker_lost``); the tasks make that
 safe by publishing idempotently. Each pool process takes one task at a time
@@ -22,6 +27,8 @@ from typing import Any
 
 from celery import Celery, signals
 
+from services.core.logging import RedactingFilter
+from services.core.redis_url import celery_ssl_conf
 from services.core.settings import ConfigError, get_settings
 from services.core.tasks import (
     SERIALIZER,
@@ -65,11 +72,23 @@ def create_app() -> Celery:
         broker_transport_options={"visibility_timeout": visibility_timeout()},
         result_expires=RESULT_EXPIRES_S,
         broker_connection_retry_on_startup=True,
+        # rediss://: verified TLS for both (Celery's backend refuses a plain rediss:// URL,
+        # and its broker would connect without checking the certificate).
+        **celery_ssl_conf(url),
     )
     return app
 
 
 app = create_app()
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _redact_logs(logger: logging.Logger, **_: Any) -> None:
+    """Celery's own handlers: no Redis password in any record they write."""
+    for handler in logger.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 @signals.worker_init.connect

