@@ -4,7 +4,9 @@ The tuner, the notifier feed and the MLflow sink differ only in what they do wit
 entries; how they find runs, recover and ride out outages is ``RunStreamReader``'s:
 
 * runs: the ids in the runs set (``RUNS_KEY``), looked at every ``discover_every_s``, or a
-  fixed list; each new run's streams join the read, with their consumer groups.
+  fixed list; each new run's streams join the read, with their consumer groups. A run that
+  left the runs set (retention expired it, services.core.retention) leaves the read, and
+  ``on_drop`` tells the service to forget it.
 * recovery, at start and after every failure: first all of this consumer's own pending
   entries (paged by cursor through every page, not just the first), then the entries dead
   consumers of the group left pending longer than ``claim_idle_ms`` (XAUTOCLAIM), which are
@@ -113,19 +115,22 @@ class RunStreamReader:
 
     ``sources`` maps each stream key read to its (run id, stream); ``on_run`` is called
     with each new run before its streams are read (a failure there leaves the run for the
-    next discovery).
+    next discovery); ``on_drop`` with each run that left the runs set, after its streams
+    left the read.
     """
 
     def __init__(self, client: redis.Redis, group: str, name: str, streams: Iterable[Stream],
                  settings: LoopSettings | None = None, runs: Iterable[str] | None = None,
                  on_run: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 on_drop: Callable[[str], None] | None = None):
         self.client = client
         self.settings = settings or LoopSettings()
         self.streams = tuple(streams)
         # None: the runs set decides; else only these (one-run services, tests).
         self.fixed_runs = [validate_run_id(r) for r in runs] if runs is not None else None
         self.on_run = on_run
+        self.on_drop = on_drop
         self.clock = clock
         self.consumer = Consumer(client, {}, group, name,
                                  claim_idle_ms=self.settings.claim_idle_ms)
@@ -144,9 +149,13 @@ class RunStreamReader:
         return self._own is not None or self._claims is not None
 
     def discover(self) -> list[str]:
-        """Start reading runs not seen before; returns their ids."""
+        """Start reading runs not seen before, stop reading runs that left the runs set;
+        returns the ids of the new ones."""
         self._last_discovery = self.clock()
         known = self.fixed_runs if self.fixed_runs is not None else self._store.run_ids()
+        if self.fixed_runs is None:
+            for run_id in set(self.runs) - set(known):
+                self.drop(run_id)
         added = []
         for run_id in known:
             if run_id in self.runs:
@@ -163,6 +172,21 @@ class RunStreamReader:
             added.append(run_id)
             log.info("%s/%s: reading run %s", self.consumer.group, self.consumer.name, run_id)
         return added
+
+    def drop(self, run_id: str) -> None:
+        """Stop reading ``run_id``'s streams (its pending entries are left to expire with
+        them) and tell the service (``on_drop``)."""
+        for key in [key for key, (owner, _) in self.sources.items() if owner == run_id]:
+            del self.sources[key]
+            self.consumer.keys.pop(key, None)
+            for cursors in (self._own, self._claims):
+                if cursors is not None:
+                    cursors.pop(key, None)
+        self.runs.remove(run_id)
+        log.info("%s/%s: run %s left the runs set, no longer read", self.consumer.group,
+                 self.consumer.name, run_id)
+        if self.on_drop is not None:
+            self.on_drop(run_id)
 
     def recover(self) -> None:
         """Read own pending entries again, then stale ones, before new ones (after a failure

@@ -55,8 +55,10 @@ class ReportFeed:
         self.outbox = outbox
         self.chat_ids = tuple(chat_ids)
         self.catch_up_s = catch_up_s
+        # A run retention expired leaves the planner too.
         self.reader = RunStreamReader(client, GROUP, name, INPUT_STREAMS,
-                                      replace(LoopSettings(), block_ms=block_ms))
+                                      replace(LoopSettings(), block_ms=block_ms),
+                                      on_drop=planner.forget)
         self.dead_letters = dead_letters
         self.started_at = time.time()
         self.notices_sent = 0

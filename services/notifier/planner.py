@@ -41,6 +41,9 @@ ALIGNMENT_METRICS = frozenset(AlignmentScores.model_fields) | {"success_indicato
 # Events whose summary is about alignment (the indicators include it).
 PICTURE_EVENTS = frozenset({"indicators_met", "finished", "stopped"})
 MAX_TRACKED_ACTIONS = 200  # per run; the progress report shows the newest few
+# Runs remembered; beyond it the least recently heard of is forgotten (a run that speaks
+# again starts a fresh digest: its next report comes a little later, nothing is lost).
+MAX_RUNS = 64
 # An action's stages in the order they happen; a record of a lower rank than the one known
 # is redelivered or late. A proposal ends as issued, rejected or dropped.
 STAGE_RANK = {"proposed": 0, "issued": 1, "rejected": 1, "dropped": 1, "acked": 2,
@@ -86,14 +89,27 @@ class ReportPlanner:
         self.every_s = every_s
         self.issued_grace_s = issued_grace_s
         self.clock = clock
-        self._runs: dict[str, _RunDigest] = {}
+        # Least recently heard of first; at most MAX_RUNS.
+        self._runs: OrderedDict[str, _RunDigest] = OrderedDict()
 
     def _digest(self, run_id: str) -> _RunDigest:
-        return self._runs.setdefault(run_id, _RunDigest())
+        """The run's digest, made when a message of it comes; the most recent now."""
+        digest = self._runs.get(run_id)
+        if digest is None:
+            digest = self._runs[run_id] = _RunDigest()
+            while len(self._runs) > MAX_RUNS:
+                self._runs.popitem(last=False)
+        self._runs.move_to_end(run_id)
+        return digest
+
+    def forget(self, run_id: str) -> None:
+        """Drop what is remembered of ``run_id`` (it left Redis: retention expired it)."""
+        self._runs.pop(run_id, None)
 
     def actions(self, run_id: str) -> list[ActionRecord]:
         """The newest stage of each decision seen for ``run_id``, oldest first."""
-        return list(self._digest(run_id).actions.values())
+        digest = self._runs.get(run_id)
+        return [] if digest is None else list(digest.actions.values())
 
     def observe(self, message: Message) -> list[Notice]:
         """The notices ``message`` calls for (often none)."""
@@ -117,8 +133,8 @@ class ReportPlanner:
 
     def progress(self, run_id: str) -> Notice | None:
         """The progress report of ``run_id`` now (for /report), or None before any metrics."""
-        digest = self._digest(run_id)
-        if digest.metrics is None:
+        digest = self._runs.get(run_id)  # asking creates nothing: run ids come from people
+        if digest is None or digest.metrics is None:
             return None
         text = progress_report(run_id, digest.metrics, digest.report, digest.previous_report,
                                self.actions(run_id),

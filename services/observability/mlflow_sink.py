@@ -39,6 +39,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,9 @@ DEFAULT_PICTURE_EVERY_STEPS = 500
 SNAPSHOT_SCAN = 32  # newest attention entries searched for a report's snapshot (they are big)
 SNAPSHOT_PAGE = 4
 JSONL_PART_LINES = 1000
+# MLflow runs whose state (cursors, JSONL tail) is kept in memory; beyond it the least
+# recently logged is let go and found again in MLflow (its tags and artifacts) when needed.
+MAX_CACHED_RUNS = 32
 
 # MLflow's limits on one log_batch call (mlflow.utils.validation), named here so the pure
 # chunking below needs no MLflow import.
@@ -399,9 +403,9 @@ class MlflowSink:
         self.picture_every_steps = picture_every_steps
         # runs empty or None: every run in the runs set.
         self.reader = RunStreamReader(client, GROUP, name, INPUT_STREAMS, settings,
-                                      runs=runs or None)
+                                      runs=runs or None, on_drop=self.forget)
         self.stats = SinkStats()
-        self._run_logs: dict[str, RunLog] = {}
+        self._run_logs: OrderedDict[str, RunLog] = OrderedDict()  # least recent first
         self._experiment_id: str | None = None
 
     # ---- reading
@@ -661,9 +665,14 @@ class MlflowSink:
         """The id of the MLflow run of ``run_id`` (found by its tag, else created)."""
         return self._run_log(run_id).mlflow_run_id
 
+    def forget(self, run_id: str) -> None:
+        """Drop the in-memory state of ``run_id`` (it left Redis; MLflow keeps its record)."""
+        self._run_logs.pop(run_id, None)
+
     def _run_log(self, run_id: str) -> RunLog:
         cached = self._run_logs.get(run_id)
         if cached is not None:
+            self._run_logs.move_to_end(run_id)
             return cached
         experiment_id = self.experiment_id()
         found = self.mlflow.search_runs(
@@ -686,6 +695,8 @@ class MlflowSink:
             jsonl={stream: self._load_jsonl(run.info.run_id, name) if found else JsonlLog(name)
                    for stream, name in JSONL_STREAMS.items()})
         self._run_logs[run_id] = run_log
+        while len(self._run_logs) > MAX_CACHED_RUNS:
+            self._run_logs.popitem(last=False)
         return run_log
 
     def _load_jsonl(self, mlflow_run_id: str, name: str) -> JsonlLog:

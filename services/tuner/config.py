@@ -290,6 +290,9 @@ class ServiceConfig(_Section):
     claim_every_s: float = Field(30.0, gt=0)
     issued_ttl_s: int = Field(30 * 24 * 3600, ge=60, description="life of the per-run "
                               "idempotency keys")
+    max_runs: int = Field(256, ge=1, description="run windows kept in memory; beyond it the "
+                          "least recently active run without pending actions is let go (its "
+                          "memory is in Redis and comes back when it speaks again)")
 
 
 class TunerConfig(_Section):

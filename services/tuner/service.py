@@ -32,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.core.bus import Consumer, Delivery, connect, entry_order
 from services.core.consumer import BLOCK_MS, LoopSettings, RunStreamReader
 from services.core.logging import setup_logging
+from services.core.retention import DAY_S, SWEEP_EVERY_S, RetentionSweeper
 from services.core.schemas import (
     MAX_NOTE_CHARS,
     VALUE_ACTIONS,
@@ -156,7 +157,8 @@ class TunerService:
 
     def __init__(self, client: redis.Redis, config: TunerConfig, group: str = DEFAULT_GROUP,
                  consumer: str = DEFAULT_CONSUMER, runs: Iterable[str] | None = None,
-                 clock: Callable[[], float] = time.time, metrics: TunerMetrics | None = None):
+                 clock: Callable[[], float] = time.time, metrics: TunerMetrics | None = None,
+                 retention: RetentionSweeper | None = None):
         self.client = client
         self.metrics = metrics or TunerMetrics()
         self.config = config
@@ -167,9 +169,12 @@ class TunerService:
                            claim_every_s=service.claim_every_s)
         # runs None: discover runs from RUNS_KEY; else watch only these (one-run tuner, tests).
         self.reader = RunStreamReader(client, group, consumer, INPUT_STREAMS, settings,
-                                      runs=runs, on_run=self._add_run)
-        self.windows: dict[str, RunWindow] = {}
+                                      runs=runs, on_run=self._add_run, on_drop=self._drop_run)
+        # Least recently active first; bounded by service.max_runs (see _keep_bounded).
+        self.windows: OrderedDict[str, RunWindow] = OrderedDict()
         self.pending: dict[str, dict[str, PendingAction]] = {}
+        self.retention = retention
+        self._last_sweep = -float("inf")
         # Counters (a Prometheus exporter can read these attributes).
         self.decisions_by_rule: Counter[str] = Counter()
         self.commands_issued = 0
@@ -224,6 +229,36 @@ class TunerService:
             pending[action.record.action_id] = action
         self.pending[run_id] = pending
         log.info("watching run %s (%d pending actions)", run_id, len(pending))
+        self._keep_bounded(keep=run_id)
+
+    def _drop_run(self, run_id: str) -> None:
+        """Forget a run that left the runs set (retention expired it)."""
+        self.windows.pop(run_id, None)
+        self.pending.pop(run_id, None)
+
+    def _window(self, run_id: str) -> RunWindow:
+        """The run's window, loaded again from its stored memory if it was let go."""
+        if run_id not in self.windows:
+            self._add_run(run_id)
+        self.windows.move_to_end(run_id)
+        return self.windows[run_id]
+
+    def _keep_bounded(self, keep: str) -> None:
+        """Beyond ``max_runs`` windows, let go of the least recently active runs that have no
+        pending action (those must stay: their deadlines and expiries are checked every
+        round). Ended runs go first."""
+        excess = len(self.windows) - self.config.service.max_runs
+        if excess <= 0:
+            return
+        idle = [run_id for run_id in self.windows
+                if run_id != keep and not self.pending.get(run_id)]
+        idle.sort(key=lambda run_id: not self.windows[run_id].memory.ended)  # stable
+        for run_id in idle[:excess]:
+            # Saved first: it may have been changed by the batch being handled.
+            pipe = self.client.pipeline(transaction=False)
+            self._save_memory(pipe, run_id)
+            pipe.execute()
+            self._drop_run(run_id)
 
     # ------------------------------------------------------------------ the loop
 
@@ -246,6 +281,10 @@ class TunerService:
         now = self.clock()
         self._settle_due(now)
         self._expire(now)
+        if self.retention is not None and now - self._last_sweep >= SWEEP_EVERY_S:
+            self._last_sweep = now
+            if self.retention.sweep():
+                self.reader.discover()  # let go of the expired runs now
         self.metrics.dead_lettered(self.consumer.dead_lettered)
         return handled
 
@@ -269,7 +308,7 @@ class TunerService:
                                           f"handler error: {type(error).__name__}: {error}")
             touched.add(run_id)
         pipe = self.client.pipeline(transaction=False)
-        for run_id in touched:
+        for run_id in touched & self.windows.keys():
             self._save_memory(pipe, run_id)
         by_key: dict[str, list[str]] = {}
         for delivery in deliveries:
@@ -283,7 +322,7 @@ class TunerService:
         """Update the run's window with one message, then act on the policy's decisions."""
         if message.run_id != run_id:
             raise ValueError(f"message of run {message.run_id!r} in a stream of run {run_id!r}")
-        window = self.windows[run_id]
+        window = self._window(run_id)
         if isinstance(message, MetricsMessage):
             window.observe_metrics(message)
             self._measure_due(run_id, window)
@@ -675,8 +714,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics = TunerMetrics()
     if port is not None:
         serve(metrics, port)
-    service = TunerService(connect(settings.redis_url), config, group=args.group,
-                           consumer=args.consumer, runs=args.runs, metrics=metrics)
+    client = connect(settings.redis_url)
+    service = TunerService(client, config, group=args.group, consumer=args.consumer,
+                           runs=args.runs, metrics=metrics,
+                           retention=RetentionSweeper(client, settings.retention_days * DAY_S))
     log.info("tuner %s/%s started (config %s)", args.group, args.consumer,
              settings.tuner_config)
     service.run_forever(stop)
