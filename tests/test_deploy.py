@@ -19,6 +19,7 @@ from fnmatch import fnmatch
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -38,7 +39,11 @@ SETUP = ROOT / "scripts" / "setup.sh"
 
 PYTHON_SERVICES = ("trainer", "diagnostics", "tuner", "api", "notifier")
 SERVICES = ("redis", *PYTHON_SERVICES, "prometheus", "alertmanager", "grafana")
-REDIS_URL = "redis://redis:6379/0"
+# The project's .env in these tests: .env.example with a Redis password filled in (compose
+# refuses to start without one).
+REDIS_PASSWORD = "test-password_0123456789abcdef"
+REDIS_URL = f"redis://:{REDIS_PASSWORD}@redis:6379/0"
+TRAINER_RESTART = "on-failure:5"  # restarted after a crash, at most 5 times in a row
 GPU_DEVICES = [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 SECRET_NAME = re.compile(r"TOKEN|PASSWORD|SECRET")
 
@@ -106,7 +111,8 @@ def _flag(command: list[str], flag: str) -> str:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("compose-project")
-    shutil.copy(ENV_EXAMPLE, directory / ".env")
+    (directory / ".env").write_text(ENV_EXAMPLE.read_text().replace(
+        "\nREDIS_PASSWORD=\n", f"\nREDIS_PASSWORD={REDIS_PASSWORD}\n"))
     return directory
 
 
@@ -133,7 +139,30 @@ def test_every_service_has_a_health_check_and_a_restart_policy(base, name) -> No
     check = service["healthcheck"]
     assert not check.get("disable")
     assert check["test"][0] in ("CMD", "CMD-SHELL") and len(check["test"]) > 1
-    assert service["restart"] == ("on-failure" if name == "trainer" else "unless-stopped")
+    assert service["restart"] == (TRAINER_RESTART if name == "trainer" else "unless-stopped")
+
+
+def test_trainer_restarts_are_limited(base, cpu) -> None:
+    """A trainer that crashes at every start (a full disk) stops after 5 restarts instead
+    of looping forever, in both variants."""
+    assert base["services"]["trainer"]["restart"] == TRAINER_RESTART
+    assert cpu["services"]["trainer"]["restart"] == TRAINER_RESTART
+
+
+def test_redis_requires_the_password_from_env(base, tmp_path) -> None:
+    """Redis runs with --requirepass REDIS_PASSWORD; its health check authenticates; and
+    without a password in .env compose refuses to start, naming the variable."""
+    redis = base["services"]["redis"]
+    assert _flag(redis["command"], "--requirepass") == REDIS_PASSWORD
+    assert redis["environment"]["REDISCLI_AUTH"] == REDIS_PASSWORD
+    shutil.copy(ENV_EXAMPLE, tmp_path / ".env")  # REDIS_PASSWORD= left empty
+    exe = shutil.which("docker-compose")
+    assert exe
+    env = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
+    result = subprocess.run([exe, "--project-directory", str(tmp_path), "-f", str(COMPOSE),
+                             "config"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=120, check=False)
+    assert result.returncode != 0 and "REDIS_PASSWORD" in result.stderr, result.stderr
 
 
 def test_python_services_share_the_image_and_reach_redis(base) -> None:
@@ -153,7 +182,7 @@ def test_python_services_share_the_image_and_reach_redis(base) -> None:
         assert service["depends_on"] == {"redis": {"condition": "service_healthy"}}, name
         assert service["init"] is True, name
     # The URL names the compose service, on Redis's own port.
-    assert REDIS_URL.split("//")[1].split(":")[0] in services
+    assert urlsplit(REDIS_URL).hostname in services
 
 
 def test_commands_are_the_launchers(base) -> None:
@@ -349,7 +378,8 @@ def test_env_example_commits_no_secret() -> None:
     example = _env_example()
     secrets = {name: value for name, value in example.items() if SECRET_NAME.search(name)}
     assert {"SMART_TUNER_API_TOKEN", "SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN",
-            "SMART_TUNER_NOTIFIER_WEBHOOK_TOKEN", "GRAFANA_ADMIN_PASSWORD"} <= set(secrets)
+            "SMART_TUNER_NOTIFIER_WEBHOOK_TOKEN", "GRAFANA_ADMIN_PASSWORD",
+            "REDIS_PASSWORD"} <= set(secrets)
     assert all(value == "" for value in secrets.values()), secrets
 
 
