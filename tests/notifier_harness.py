@@ -41,11 +41,13 @@ class RunningNotifier:
     """``build`` + ``run`` on a background thread; ``close`` stops it as SIGTERM would."""
 
     def __init__(self, settings: NotifierSettings, redis_url: str,
-                 telegram: TelegramStandIn, catch_up_s: float | None = None):
+                 telegram: TelegramStandIn, catch_up_s: float | None = None,
+                 policy: DeliveryPolicy = TEST_POLICY):
         self.settings = settings
         self.redis_url = redis_url
         self.telegram = telegram
         self.catch_up_s = catch_up_s
+        self.policy = policy
         self.notifier: Notifier | None = None
         self.error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -66,7 +68,7 @@ class RunningNotifier:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.notifier = build(self.settings, self.redis_url, TEST_POLICY)
+        self.notifier = build(self.settings, self.redis_url, self.policy)
         if self.catch_up_s is not None:
             self.notifier.feed.catch_up_s = self.catch_up_s
         await run(self.notifier, self._stop, self.settings.language)

@@ -360,3 +360,34 @@ def test_webhook_still_takes_a_valid_body_and_refuses_a_bad_one(bot: Bot) -> Non
     assert httpx.post(url, content=b"{not json", headers=auth, timeout=10).status_code == 422
     assert httpx.post(url, json={"version": "3"}, headers=auth, timeout=10).status_code == 422
     assert httpx.post(url, json=body, timeout=10).status_code == 401
+
+
+def test_redactor_keeps_a_token_in_an_exception_out_of_rich_tracebacks() -> None:
+    """Rich tracebacks render the exception object, not the record's text: a record whose
+    exception quotes the token must reach a rich handler without it."""
+    import io
+
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    from services.notifier.service import SecretRedactor
+
+    secret = TEST_TOKEN.split(":", 1)[1]
+    out = io.StringIO()
+    handler = RichHandler(console=Console(file=out, width=200), rich_tracebacks=True)
+    logger = logging.getLogger("tests.redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    redactor = SecretRedactor([TEST_TOKEN, secret])
+    redactor.install()
+    try:
+        try:
+            raise RuntimeError(f"url='http://proxy/bot{TEST_TOKEN}/getUpdates'")
+        except RuntimeError:
+            logger.exception("polling failed for bot%s", TEST_TOKEN)
+    finally:
+        redactor.uninstall()
+        logger.removeHandler(handler)
+    text = out.getvalue()
+    assert "polling failed" in text and "RuntimeError" in text
+    assert secret not in text

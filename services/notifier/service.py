@@ -73,9 +73,13 @@ class SecretRedactor:
             return
         if any(secret in message for secret in self.secrets):
             record.msg, record.args = self.redact(message), ()
-        if record.exc_info and not record.exc_text:
-            # Formatters use exc_text when it is set, so the traceback is redacted too.
-            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+        if record.exc_info and record.exc_info != (None, None, None):
+            text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            if any(secret in text for secret in self.secrets):
+                # The exception itself cannot be changed, and a handler that renders it
+                # (rich tracebacks) would print the secret: keep only the redacted text,
+                # which every formatter appends.
+                record.exc_info, record.exc_text = None, self.redact(text)
         if record.stack_info:
             record.stack_info = self.redact(record.stack_info)
 
