@@ -357,7 +357,8 @@ class Approval(Message):
 
 EventKind = Literal["run_started", "checkpoint_saved", "restart", "red_flag", "recovered",
                     "indicators_met", "paused", "resumed", "finished", "stopped",
-                    "events_dropped", "critical", "probes", "approval_ignored"]
+                    "events_dropped", "critical", "probes", "approval_ignored",
+                    "checkpoint_failed", "checkpoint_recovered"]
 Severity = Literal["info", "warning", "critical"]
 
 

@@ -99,6 +99,37 @@ class Health:
         return not (aligned_once and result.scores["diagonality"] < indicators.DIAGONALITY_WEAK)
 
 
+class SaveFailures:
+    """Checkpoints that could not be written (disk full, quota, I/O error): when to retry,
+    and since when it fails. Training goes on meanwhile: losing the run to a full disk is
+    worse than running a while without a new checkpoint."""
+
+    def __init__(self, retry_every: int) -> None:
+        self.retry_every = retry_every
+        self.count = 0  # failed attempts over the run (this process)
+        self.since: int | None = None  # step of the first failure of the current episode
+        self.retry_at: int | None = None
+        self.last_error = ""
+
+    def failed(self, step: int, error: OSError) -> None:
+        """An attempt at ``step`` failed with ``error``."""
+        self.count += 1
+        self.since = step if self.since is None else self.since
+        self.retry_at = step + self.retry_every
+        self.last_error = describe_os_error(error)
+
+    def succeeded(self) -> int | None:
+        """A checkpoint was written; returns the step the failures began at, if they had."""
+        since, self.since, self.retry_at = self.since, None, None
+        return since
+
+
+def describe_os_error(error: OSError) -> str:
+    """``No space left on device (errno 28)``: what a person can act on, without a path."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{reason} (errno {error.errno})" if error.errno is not None else reason
+
+
 class Checkpointing:
     """One run's checkpoints: the manager (rank 0's alone), the health rule, the state."""
 
@@ -110,6 +141,43 @@ class Checkpointing:
             CheckpointManager(run_folder.checkpoint_dir, cfg.run.keep_last)
             if dist.is_main else None)
         self.health = Health()
+        self.run_folder = run_folder
+        self.failures = SaveFailures(retry_every=cfg.run.eval_every)
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due at ``step``: its interval, or a retry after a failure."""
+        retry_at = self.failures.retry_at
+        return step % self.cfg.run.checkpoint_every == 0 or (retry_at is not None
+                                                             and step >= retry_at)
+
+    def try_save(self, trainer: Trainer) -> CheckpointInfo | None:
+        """``save``, but a write that fails (disk full, quota, I/O error) is reported and
+        retried ``eval_every`` steps later instead of ending the run; None when it failed.
+
+        The trainer's observers hear ``checkpoint_failed`` (critical: the notifier sends it
+        at once) at every failed attempt, and ``checkpoint_recovered`` when one is written
+        again. A half-written file never stays: the atomic write removes its temp file.
+        """
+        try:
+            info = self.save(trainer)
+        except OSError as error:
+            self.failures.failed(trainer.step, error)
+            detail = (f"checkpoint at step {trainer.step} not saved: "
+                      f"{self.failures.last_error}; training goes on, next attempt at step "
+                      f"{self.failures.retry_at} (free space in {self.run_folder.path})")
+            log.error("%s", detail)
+            trainer.lifecycle("checkpoint_failed", detail, error=self.failures.last_error,
+                              failures=self.failures.count, since_step=self.failures.since,
+                              retry_at=self.failures.retry_at)
+            return None
+        since = self.failures.succeeded()
+        if since is not None:
+            detail = (f"checkpoint at step {info.step} saved after failures since step "
+                      f"{since} ({self.failures.count} failed attempts)")
+            log.warning("%s", detail)
+            trainer.lifecycle("checkpoint_recovered", detail, since_step=since,
+                              failures=self.failures.count)
+        return info
 
     def find_resume(self, resume_from: str) -> LoadedCheckpoint | None:
         """The checkpoint ``--resume-from`` names (one of RESUME_FROM), or None if none."""

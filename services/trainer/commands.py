@@ -157,8 +157,18 @@ class CommandHandler:
             self._handled.put(delivery)
 
     def apply(self, trainer: Trainer, command: Command) -> Ack:
-        """Check and apply one command; returns its ack (also kept in ``self.acks``)."""
-        ack = self._decide(trainer, command)
+        """Check and apply one command; returns its ack (also kept in ``self.acks``).
+
+        A command whose handler fails (a checkpoint that cannot be read for a rollback, a
+        disk error) is acked as rejected with the reason: the run goes on, and whoever sent
+        it learns why."""
+        try:
+            ack = self._decide(trainer, command)
+        except Exception as error:  # any failure becomes the command's answer
+            log.exception("command %s %s failed", command.command_id[:12], command.action)
+            ack = Ack(run_id=self.run_id, command_id=command.command_id,
+                      action=command.action, status="rejected", step=trainer.step,
+                      detail=f"failed: {type(error).__name__}: {error}"[:500])
         if ack.status != "duplicate":
             self.seen[command.command_id] = ack.status
             while len(self.seen) > SEEN_LIMIT:
@@ -216,7 +226,10 @@ class CommandHandler:
                 return reply("applied", f"rolled back to {info.file}{skipped}", float(step),
                              float(info.step))
             case "checkpoint_now":
-                info = trainer.save_checkpoint()
+                info = trainer.checkpointing.try_save(trainer)
+                if info is None:
+                    return reply("rejected", "not saved: "
+                                 f"{trainer.checkpointing.failures.last_error}")
                 return reply("applied", f"saved {info.file}"
                              f" ({'healthy' if info.healthy else 'not healthy'})",
                              None, float(info.step))

@@ -15,7 +15,10 @@ One folder per run, written by rank 0 alone (a distributed run's other ranks hol
 from __future__ import annotations
 
 import json
+import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +31,8 @@ from services.trainer.config import TrainConfig
 from services.trainer.engine import EvalResult
 from services.trainer.probes import ProbeSummary
 from services.trainer.warm_start import WARM_START_FILE
+
+log = logging.getLogger("services.trainer.training.run_folder")
 
 CONFIG_FILE = "config.json"
 RUN_STATE_FILE = "run_state.json"
@@ -67,13 +72,37 @@ class RunRecord:
 
 
 class RunFolder:
-    """Reads and writes one run's folder; ``writer`` False (ranks other than 0) writes nothing."""
+    """Reads and writes one run's folder; ``writer`` False (ranks other than 0) writes nothing.
+
+    Once the run is under way a write that fails (disk full, quota, I/O error) is logged,
+    once per episode, and counted in ``write_errors``; it never ends the run: the telemetry
+    still carries every number, and the checkpoints report their own failures.
+    """
 
     def __init__(self, path: Path, writer: bool = True):
         self.path = Path(path)
         self.writer = writer
+        self.write_errors = 0
+        self._failing = False
         if writer:
             self.path.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def _tolerant(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as error:
+            self.write_errors += 1
+            if not self._failing:
+                log.error("%s not written to %s: %s; training goes on (further failed "
+                          "writes are counted, not logged)", what, self.path, error.strerror
+                          or error)
+            self._failing = True
+        else:
+            if self._failing:
+                log.warning("%s written again after %d failed writes", what,
+                            self.write_errors)
+            self._failing = False
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -109,14 +138,18 @@ class RunFolder:
             return
         path = self.path / RUN_STATE_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(record), indent=2))
-        tmp.replace(path)
+        with self._tolerant("the run record"):
+            try:
+                tmp.write_text(json.dumps(asdict(record), indent=2))
+                tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one line to metrics.jsonl."""
         if not self.writer:
             return
-        with (self.path / METRICS_FILE).open("a") as f:
+        with self._tolerant("a metrics line"), (self.path / METRICS_FILE).open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def log_probes(self, summary: ProbeSummary) -> None:
@@ -125,7 +158,7 @@ class RunFolder:
             return
         record = summary.model_dump(mode="json")
         self.log({"kind": "probes", **{k: v for k, v in record.items() if k != "results"}})
-        with (self.path / PROBES_FILE).open("a") as f:
+        with self._tolerant("a probe pass"), (self.path / PROBES_FILE).open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def write_config(self, cfg: TrainConfig) -> None:
@@ -136,14 +169,17 @@ class RunFolder:
     def write_summary(self, summary: dict[str, Any]) -> None:
         """The final report."""
         if self.writer:
-            (self.path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            with self._tolerant("the summary"):
+                (self.path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 
     def save_alignment_plot(self, result: EvalResult) -> Path | None:
         """PNG of the first validation sample's attention at ``result``'s evaluation."""
         if not self.writer:
             return None
         path = self.path / PLOT_DIR / f"alignment-{result.step:08d}.png"
-        return plot_alignment(
-            result.attention[0], path, title=f"validation alignment, step {result.step}",
-            input_length=int(result.input_lengths[0]),
-            output_length=int(result.decoder_lengths[0]), scores=result.scores)
+        with self._tolerant("an alignment plot"):
+            return plot_alignment(
+                result.attention[0], path, title=f"validation alignment, step {result.step}",
+                input_length=int(result.input_lengths[0]),
+                output_length=int(result.decoder_lengths[0]), scores=result.scores)
+        return None

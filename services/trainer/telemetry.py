@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_SAMPLES = 4
 
-_LIFECYCLE_SEVERITY = {"stopped": "warning"}
+# A checkpoint that cannot be written (disk full) leaves the run without a way back: a
+# person must make room, so it is critical (the notifier sends it at once).
+_LIFECYCLE_SEVERITY = {"stopped": "warning", "checkpoint_failed": "critical"}
 
 
 class Telemetry(TrainingObserver):

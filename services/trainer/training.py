@@ -487,8 +487,8 @@ class Trainer:
                     met = True
                     if until_indicators:
                         stop_reason = "indicators_met"
-                if self.step % self.cfg.run.checkpoint_every == 0:
-                    self.save_checkpoint()
+                if self.checkpointing.due(self.step):
+                    self.checkpointing.try_save(self)
                 self.verdicts.settle(self)
                 bar.n = self.step  # a rollback moves the step back
                 bar.set_postfix(_postfix(metrics, self.last_eval), refresh=False)
@@ -514,7 +514,7 @@ class Trainer:
         assert self.checkpoints is not None
         entries = self.checkpoints.entries()
         if not entries or entries[-1].step != self.step:  # the loop may have just saved it
-            self.save_checkpoint()
+            self.checkpointing.try_save(self)  # a full disk must not cost the summary too
         # The verdict includes the probes of the final checkpoint.
         self.probing.collect(self, wait=True)
         self.probing.close()
