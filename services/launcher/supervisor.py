@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from services.core.indicators import CONSECUTIVE_RESTARTS_RED_FLAG
-from services.trainer.checkpoints import CheckpointManager
+from services.trainer.checkpoints import RUN_CHECKPOINT_SUBDIR, list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,8 @@ def stop_process(process: subprocess.Popen, name: str, grace_s: float,
 
 def newest_step(run_dir: Path) -> int:
     """Step of the newest checkpoint listed in the run's manifest, -1 when none."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return -1
-    entries = CheckpointManager(folder).entries()
+    # Read-only: the trainer may be writing a checkpoint there right now.
+    entries = list_checkpoints(run_dir / RUN_CHECKPOINT_SUBDIR)
     return entries[-1].step if entries else -1
 
 

@@ -210,8 +210,9 @@ class Checkpointing:
             "recent_norms": list(trainer.recent_norms),
             "recent_guarded": list(trainer.recent_guarded),
             # Synthesis needs the feature normalisation the model was trained with.
-            "mel_mean": np.asarray(trainer.feed.store.mean, dtype=np.float32),
-            "mel_std": np.asarray(trainer.feed.store.std, dtype=np.float32),
+            # Tensors, not ndarrays: the file must load with weights_only=True.
+            "mel_mean": torch.as_tensor(np.asarray(trainer.feed.store.mean, dtype=np.float32)),
+            "mel_std": torch.as_tensor(np.asarray(trainer.feed.store.std, dtype=np.float32)),
         }
 
     def restore(self, trainer: Trainer, loaded: LoadedCheckpoint) -> None:

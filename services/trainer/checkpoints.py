@@ -8,7 +8,12 @@ Pruning keeps the newest ``keep_last`` files and always the newest healthy one, 
 roll-back target when training diverges.
 
 One manager writes to a directory at a time: construction removes leftover temp files,
-which would include those of another live writer, and the manifest is read only then.
+which would include those of another live writer, and the manifest is read only then. So
+only the trainer builds one; every other reader (synthesis, the notifier's /sample, the
+supervisor, warm starts) uses ``load_checkpoint`` and ``list_checkpoints``, which write,
+delete and rewrite nothing. Loading takes tensors and plain data only
+(``weights_only=True``): a checkpoint cannot run code; older files convert once with
+``upgrade_checkpoint``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import random
 import re
 import uuid
@@ -55,6 +61,13 @@ def _step_of(name: str) -> int | None:
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be trusted; the message says why."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A sound checkpoint that holds Python objects beyond tensors and plain data: loading
+    it would run code. Not skipped like a damaged file (it is not damaged, and skipping it
+    would resume or roll back to an older one, or to nothing): the message says how to
+    convert it once (``smart-tuner upgrade-checkpoint``)."""
 
 
 class CheckpointInfo(BaseModel):
@@ -152,6 +165,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def _needs_globals(error: pickle.UnpicklingError) -> bool:
+    """Whether weights-only loading refused a sound file for the Python objects it holds
+    (a damaged file fails on its bytes instead)."""
+    return "Unsupported global" in str(error)
+
+
 def _validate(path: Path, info: CheckpointInfo) -> dict[str, Any]:
     """Load ``path`` after checking it against ``info``; raises CheckpointError saying why."""
     if not path.is_file():
@@ -164,9 +183,16 @@ def _validate(path: Path, info: CheckpointInfo) -> dict[str, Any]:
     if _digest(path)[0] != info.sha256:
         raise CheckpointError("sha256 mismatch")
     try:
-        # weights_only=False: the state holds optimizer, config and RNG objects, and these
-        # files are this run's own, written by save().
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain data only, so a checkpoint from elsewhere cannot
+        # run code when it is loaded (synthesize --checkpoint, the notifier's /sample).
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not _needs_globals(exc):
+            raise CheckpointError(f"unreadable: {_first_line(exc)}") from exc
+        raise UnsafeCheckpointError(
+            "holds Python objects beyond tensors and plain data (written before 2026-12-02, "
+            "or by something else), which would run code when loaded; if you trust where it "
+            f"came from, convert it once: smart-tuner upgrade-checkpoint {path}") from exc
     except Exception as exc:  # a damaged file can fail in the zip, pickle or tensor layer
         raise CheckpointError(f"unreadable: {_first_line(exc)}") from exc
     if not isinstance(state, dict) or "step" not in state:
@@ -299,7 +325,7 @@ class CheckpointManager:
                 info = self._unlisted_info(path)
             state = _validate(path, info)
         except CheckpointError as exc:
-            raise CheckpointError(f"{path}: {exc}") from exc
+            raise type(exc)(f"{path}: {exc}") from exc
         step = state["step"]
         if _step_of(path.name) is None and isinstance(step, int) and step >= 0:
             # A file name of someone else's carries no step; the state's own is the record.
@@ -313,6 +339,8 @@ class CheckpointManager:
             path = self.directory / info.file
             try:
                 return LoadedCheckpoint(info=info, state=_validate(path, info))
+            except UnsafeCheckpointError as exc:
+                raise UnsafeCheckpointError(f"{path}: {exc}") from exc
             except CheckpointError as exc:
                 logger.warning("skipping checkpoint %s: %s; trying an older one", path, exc)
         return None
@@ -416,6 +444,21 @@ def _entries_on_disk(folder: Path) -> dict[int, CheckpointInfo]:
     return found
 
 
+def list_checkpoints(folder: Path) -> list[CheckpointInfo]:
+    """The checkpoints of ``folder`` (manifest entries whose files exist, and unlisted files
+    as not healthy), oldest first; [] for a folder that does not exist.
+
+    Read-only, unlike constructing a CheckpointManager (which removes temp files, among
+    them a live trainer's checkpoint being written, and may rewrite the manifest): what
+    every reader of another process's checkpoints uses.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    entries = _entries_on_disk(folder)
+    return [entries[step] for step in sorted(entries)]
+
+
 def load_checkpoint(path: Path | str, best: bool = False) -> LoadedCheckpoint:
     """A checkpoint file, or the newest valid one when ``path`` is a run or checkpoint folder
     (with ``best``, the one whose inference probes scored best; FileNotFoundError when no
@@ -443,6 +486,8 @@ def load_checkpoint(path: Path | str, best: bool = False) -> LoadedCheckpoint:
                 return LoadedCheckpoint(info=entries[step],
                                         state=_validate(folder / entries[step].file,
                                                         entries[step]))
+            except UnsafeCheckpointError as exc:
+                raise UnsafeCheckpointError(f"{folder / entries[step].file}: {exc}") from exc
             except CheckpointError as exc:
                 logger.warning("skipping checkpoint %s: %s; trying an older one",
                                folder / entries[step].file, exc)
@@ -457,7 +502,7 @@ def load_checkpoint(path: Path | str, best: bool = False) -> LoadedCheckpoint:
         info = info or CheckpointManager._unlisted_info(path)
         state = _validate(path, info)
     except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
+        raise type(exc)(f"{path}: {exc}") from exc
     saved_step = state["step"]
     if step is None and isinstance(saved_step, int) and saved_step >= 0:
         # A file name of someone else's carries no step; the state's own is the record.
@@ -471,9 +516,13 @@ def capture_rng_state() -> dict[str, Any]:
     Store it in a checkpoint so that a resumed run draws the same dropout masks and
     shuffles as an uninterrupted one.
     """
+    # numpy's state as plain data and a tensor (not the ndarray get_state returns), so the
+    # checkpoint loads with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached_gaussian)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -483,8 +532,13 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`capture_rng_state` captured; CUDA only on the devices present."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    # weights_only loading gives lists where pickling gave tuples.
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), int(pos), int(has_gauss),
+                         float(cached_gaussian)))
     # torch only accepts a CPU ByteTensor, whatever map_location the checkpoint had.
     torch.set_rng_state(state["torch"].cpu())
     cuda_states = state.get("cuda")
@@ -500,3 +554,50 @@ def restore_rng_state(state: dict[str, Any]) -> None:
                        min(len(cuda_states), device_count))
     for device, device_state in enumerate(cuda_states[:device_count]):
         torch.cuda.set_rng_state(device_state.cpu(), device)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy arrays and scalars as tensors and Python numbers, recursively."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(item) for item in value)
+    return value
+
+
+def upgrade_checkpoint(path: Path) -> bool:
+    """Rewrite a checkpoint that ``weights_only`` loading refuses (pickled numpy arrays, as
+    this project wrote them before 2026-12-02) as tensors and plain data; True when it was
+    rewritten, False when it already loads safely.
+
+    It unpickles the file in full, which runs whatever code the file holds: call it only on
+    files you trust. Atomic; the manifest beside it, if any, gets the new sha256 and size.
+    Not while a trainer writes to the same folder (two manifest writers).
+    """
+    path = Path(path)
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return False
+    except pickle.UnpicklingError as exc:
+        if not _needs_globals(exc):
+            raise CheckpointError(f"{path}: unreadable: {_first_line(exc)}") from exc
+    state = _plain(torch.load(path, map_location="cpu", weights_only=False))
+    if isinstance(state.get("rng"), dict) and isinstance(state["rng"].get("numpy"), tuple):
+        name, keys, pos, has_gauss, cached = state["rng"]["numpy"]
+        state["rng"]["numpy"] = [name, keys.to(torch.int64), int(pos), int(has_gauss),
+                                 float(cached)]
+    sha256, size = _atomic_write(path, lambda fh: torch.save(state, fh))
+    manifest = path.parent / MANIFEST_NAME
+    step = _step_of(path.name)
+    if manifest.exists() and step is not None:
+        listed = _Manifest.model_validate_json(manifest.read_bytes())
+        entries = [entry.model_copy(update={"sha256": sha256, "size": size})
+                   if entry.step == step else entry for entry in listed.checkpoints]
+        text = _Manifest(checkpoints=entries).model_dump_json(indent=2).encode()
+        _atomic_write(manifest, lambda fh: fh.write(text))
+    logger.info("upgraded %s to a weights-only checkpoint", path)
+    return True

@@ -135,6 +135,7 @@ def train(
     import torch
 
     from services.trainer import distributed
+    from services.trainer.checkpoints import UnsafeCheckpointError
     from services.trainer.config import flag_overrides, load_train_config, record_config_file
     from services.trainer.faults import FaultPlan, GuidedAttentionRemoval
     from services.trainer.training import Trainer
@@ -169,6 +170,9 @@ def train(
                               ignore_layers=parse_ignore_layers(ignore_layers))
         except WarmStartError as error:
             raise typer.BadParameter(str(error), param_hint="--warm-start") from None
+        except UnsafeCheckpointError as error:  # resuming a run with old checkpoints
+            console.print(f"[red]{error}[/red]")
+            raise typer.Exit(code=2) from None
         if fault is not None and fault.kind == "ga_off":
             trainer.controllers.append(GuidedAttentionRemoval(fault))
         if config is not None and placement.is_main:
@@ -308,11 +312,12 @@ def synthesize(
     = False,
 ) -> None:
     """Synthesise speech (Griffin-Lim) and plot the inference alignment next to the wav."""
+    from services.trainer.checkpoints import CheckpointError
     from services.trainer.synthesis import Synthesizer
 
     try:
         synthesizer = Synthesizer(checkpoint, best=best)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, CheckpointError) as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(code=1) from None
     console.print(f"checkpoint at step {synthesizer.step}")
@@ -322,6 +327,36 @@ def synthesize(
                   f"gate {'stopped' if result.stopped else 'did NOT stop (step limit)'}; "
                   f"diagonality {result.scores['diagonality']:.2f}, "
                   f"quality {result.scores['quality']:.0f}%")
+
+
+def upgrade_checkpoint(
+    paths: Annotated[list[Path], typer.Argument(help="checkpoint files or run folders")],
+    trusted: Annotated[bool, typer.Option(
+        "--trusted", help="confirm you trust these files: converting unpickles them in "
+                          "full, which runs any code they hold")] = False,
+) -> None:
+    """Rewrite old checkpoints (pickled numpy arrays) so that they load with
+    ``torch.load(weights_only=True)``, which every reader now insists on."""
+    from services.trainer.checkpoints import RUN_CHECKPOINT_SUBDIR, CheckpointError
+    from services.trainer.checkpoints import upgrade_checkpoint as upgrade
+
+    if not trusted:
+        console.print("[red]upgrade-checkpoint unpickles each file in full, which runs any "
+                      "code it holds: add --trusted if you trust where they came from[/red]")
+        raise typer.Exit(code=2)
+    files: list[Path] = []
+    for path in paths:
+        folder = path / RUN_CHECKPOINT_SUBDIR if (path / RUN_CHECKPOINT_SUBDIR).is_dir() else path
+        files += sorted(folder.glob("ckpt-*.pt")) if folder.is_dir() else [path]
+    if not files:
+        console.print(f"[red]no checkpoint in {', '.join(map(str, paths))}[/red]")
+        raise typer.Exit(code=1)
+    for file in files:
+        try:
+            console.print(f"{file}: {'upgraded' if upgrade(file) else 'already loads safely'}")
+        except (OSError, CheckpointError) as error:
+            console.print(f"[red]{file}: {error}[/red]")
+            raise typer.Exit(code=1) from None
 
 
 def check_data(
@@ -385,3 +420,4 @@ def register(app: typer.Typer) -> None:
     app.command()(train)
     app.command()(synthesize)
     app.command("check-data")(check_data)
+    app.command("upgrade-checkpoint")(upgrade_checkpoint)
