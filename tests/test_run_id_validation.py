@@ -49,3 +49,28 @@ def test_approval_token_with_a_trailing_newline_is_malformed(redis_url: str) -> 
     finally:
         client.delete(f"smart-tuner:approval-token:{token}")
         client.close()
+
+
+def test_a_stream_entry_id_with_a_trailing_newline_is_no_full_id(redis_url: str) -> None:
+    """The diagnostics task reads one exact entry: ``1-1\\n`` must not pass as ``1-1``."""
+    from services.diagnostics.tasks import InvalidRequestError, read_entry
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    entry = client.xadd(stream_key("entry-id-run", Stream.ATTENTION), {"k": "v"})
+    assert read_entry(client, "entry-id-run", entry)[0] == entry
+    with pytest.raises(InvalidRequestError, match="not a full stream id"):
+        read_entry(client, "entry-id-run", entry + "\n")
+
+
+def test_a_telegram_token_with_a_trailing_newline_is_refused(monkeypatch) -> None:
+    """A token pasted with its newline fails at start-up, named, instead of at the first
+    call to Telegram."""
+    from services.notifier.config import NotifierSettings
+
+    token = "123456789:" + "A" * 35
+    monkeypatch.setenv("SMART_TUNER_NOTIFIER_CHAT_IDS", "42")
+    monkeypatch.setenv("SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN", token)
+    assert NotifierSettings(_env_file=None).telegram_token.get_secret_value() == token
+    monkeypatch.setenv("SMART_TUNER_NOTIFIER_TELEGRAM_TOKEN", token + "\n")
+    with pytest.raises(ValidationError, match="telegram_token"):
+        NotifierSettings(_env_file=None)

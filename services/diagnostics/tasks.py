@@ -138,7 +138,7 @@ def read_entry(client: redis.Redis, run_id: str, entry_id: str | None
             raise NoSnapshotError(f"{key} holds no snapshot yet")
         found_id, fields = newest[0]
         return _text(found_id), fields
-    if not isinstance(entry_id, str) or not ENTRY_ID.match(entry_id):
+    if not isinstance(entry_id, str) or not ENTRY_ID.fullmatch(entry_id):
         raise InvalidRequestError(f"entry id {entry_id!r} is not a full stream id (<ms>-<seq>)")
     entries = client.xrange(key, entry_id, entry_id)
     if not entries:

@@ -95,7 +95,7 @@ class NotifierSettings(BaseSettings):
     @classmethod
     def _token_shape(cls, value: SecretStr) -> SecretStr:
         # The value is never echoed: the error names the variable and the expected shape.
-        if not TOKEN_PATTERN.match(value.get_secret_value()):
+        if not TOKEN_PATTERN.fullmatch(value.get_secret_value()):
             raise ValueError("not a Telegram bot token (expected <bot id>:<secret>, as "
                              "@BotFather issues it)")
         return value
