@@ -187,3 +187,31 @@ def test_redis_outage_never_stops_training(small_corpus, small_config, tmp_path,
     assert time.monotonic() - started <= handler.wait_s(trainer) + 0.05
     handler.close()
     publisher.close(0.5)
+
+
+def test_skip_failed_batches_is_acked_with_what_it_left_out(rig, run_id, monkeypatch):
+    trainer, handler, client, publisher = rig
+    nothing = _send(client, run_id, action="skip_failed_batches", value=50.0)
+    _handle(handler, trainer)
+    forward = trainer.engine.forward
+
+    def nan_loss(batch, step):
+        output, terms = forward(batch, step)
+        terms.total = terms.total * float("nan")
+        return output, terms
+
+    monkeypatch.setattr(trainer.engine, "forward", nan_loss)
+    failed = next(trainer._batches())
+    trainer.train_step(failed)
+    monkeypatch.undo()
+    skip = _send(client, run_id, action="skip_failed_batches", value=50.0)
+    _handle(handler, trainer)
+    acks = _acks(client, run_id, publisher)
+    assert acks[nothing.command_id].status == "rejected"
+    assert "nothing skipped" in acks[nothing.command_id].detail
+    applied = acks[skip.command_id]
+    # 10 training utterances, at most 10 % left out: one, and the ack says the cap held
+    assert applied.status == "applied" and (applied.before, applied.after) == (0.0, 1.0)
+    assert len(trainer.feed.excluded) == 1 and trainer.feed.excluded <= set(failed.ids)
+    assert "skipping 1 utterances" in applied.detail and "non-finite" in applied.detail
+    assert "cap" in applied.detail

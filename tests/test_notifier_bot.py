@@ -132,7 +132,8 @@ def test_help_lists_every_command_and_marks_admin_ones(system: System) -> None:
     [reply] = ask(system, "/help")
     text = reply.params["text"]
     for command in ("/status", "/report", "/alignment", "/sample", "/actions", "/pause",
-                    "/resume", "/stop", "/lr", "/ga", "/rollback", "/help"):
+                    "/resume", "/stop", "/lr", "/ga", "/gate", "/spikeguard", "/skip",
+                    "/rollback", "/help"):
         assert command in text
     assert EN["help_admin"].strip() in text
     assert reply.params["parse_mode"] == "HTML"
@@ -286,6 +287,17 @@ def test_out_of_bounds_values_are_refused_before_sending(system: System, text: s
     [reply] = ask(system, text)
     assert expected in reply.params["text"] and "Not sent" in reply.params["text"]
     assert len(_commands(system)) == before
+
+
+def test_skip_reaches_the_trainer_and_its_answer_comes_back(system: System) -> None:
+    """The trainer of this rig has had no failed step: it answers why nothing was skipped."""
+    replies = ask(system, "/skip 50", until="Trainer ack")
+    command = _commands(system)[-1]
+    assert (command.action, command.value) == ("skip_failed_batches", 50.0)
+    ack = next(t for t in _texts(replies) if "Trainer ack" in t)
+    assert "rejected" in ack and "nothing skipped" in ack
+    [reply] = ask(system, "/skip 0")
+    assert "outside [1, 10000]" in reply.params["text"]
 
 
 def test_value_commands_need_a_number(system: System) -> None:

@@ -36,6 +36,7 @@ from services.tuner.policy import (
     RULE_ALIGNMENT,
     RULE_ALIGNMENT_RED_FLAG,
     RULE_ANNEAL,
+    RULE_BAD_BATCHES,
     RULE_GRAD_NORM,
     RULE_INDICATORS,
     RULE_INFERENCE,
@@ -357,13 +358,35 @@ def test_unanswered_command_expires() -> None:
 # ---------------------------------------------------------------------- non-finite
 
 
-def test_non_finite_rolls_back_then_lowers_lr() -> None:
-    sim = Sim()
+def test_non_finite_first_skips_the_failed_batches() -> None:
+    """Behaviour changed on purpose (issue 12): the trainer never applies a non-finite
+    update, so the first answer leaves the failed batches out and keeps the progress; the
+    skip worked when no further non-finite steps follow."""
+    config = TunerConfig()
+    sim = Sim(config)
     sim.run(10)
     sim.metric(grad=math.nan, finite=False)
     sim.metric(grad=math.nan, finite=False)
     assert sim.commands == []  # 2 of the last 20: k = 3
     fired = sim.metric(grad=math.inf, finite=False)
+    [skip] = only(fired, RULE_BAD_BATCHES)
+    assert skip.action == "skip_failed_batches"
+    assert skip.value == config.non_finite.skip_lookback
+    assert only(fired, RULE_NON_FINITE) == []
+    sim.run(100)  # clean after the skip: no rollback, no lower LR
+    assert only(sim.decisions, RULE_NON_FINITE) == []
+
+
+def test_non_finite_rolls_back_then_lowers_lr_when_the_skip_did_not_help() -> None:
+    sim = Sim()
+    sim.run(10)
+    for _ in range(3):
+        sim.metric(grad=math.nan, finite=False)
+    assert [d.action for d in only(sim.decisions, RULE_BAD_BATCHES)] == ["skip_failed_batches"]
+    sim.run(5)
+    sim.metric(grad=math.nan, finite=False)
+    sim.metric(grad=math.nan, finite=False)
+    fired = sim.metric(grad=math.inf, finite=False)  # 3 more after the skip
     commands = only(fired, RULE_NON_FINITE)
     assert [d.action for d in commands] == ["rollback", "set_lr"]
     assert commands[0].step == commands[1].step
@@ -375,7 +398,7 @@ def test_non_finite_rolls_back_then_lowers_lr() -> None:
 
 
 def test_non_finite_cooldown() -> None:
-    config = TunerConfig()
+    config = make_config(non_finite={"skip_lookback": 0})  # rollbacks alone, as before
     sim = Sim(config)
     for step in range(600):
         sim.metric(grad=math.nan if step % 3 == 0 else 1.0, finite=step % 3 != 0)
@@ -753,6 +776,7 @@ def test_any_metric_sequence_respects_bounds_and_cooldowns(
     bounds = config.bounds
     cooldowns = {RULE_GRAD_NORM: config.grad_norm.cooldown_steps,
                  RULE_NON_FINITE: config.non_finite.cooldown_steps,
+                 RULE_BAD_BATCHES: config.non_finite.cooldown_steps,
                  RULE_PLATEAU: config.plateau.cooldown_steps,
                  RULE_ALIGNMENT: config.alignment.cooldown_steps,
                  RULE_ANNEAL: config.anneal.cooldown_steps}

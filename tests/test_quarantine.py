@@ -101,3 +101,26 @@ def test_with_skipping_the_run_trains_on_cleanly_and_remembers(small_corpus, sma
     batches = resumed._batches()
     served = {u for _ in range(6) for u in next(batches).ids}
     assert served and not served & resumed.feed.excluded
+
+
+def test_skipping_without_a_rollback_keeps_the_progress(small_corpus, small_config,
+                                                        tmp_path) -> None:
+    """The tuner's first answer to non-finite steps: the weights never took a non-finite
+    update, so only the data is left out; the step does not move back."""
+    small_config.run.skip_max_share = 1.0
+    trainer = Trainer(small_config, small_corpus, tmp_path / "run", progress=False,
+                      cache_dir=small_corpus / ".features",
+                      fault=FaultPlan.parse("nan_grad:start=2,steps=1,replay=1"))
+    batches = trainer._batches()
+    for _ in range(6):
+        trainer.train_step(next(batches))
+    assert trainer.skipped_steps >= 1
+    exclusion = trainer.skip_failed_batches(50, source="test")
+    assert trainer.step == 6  # no rollback
+    assert trainer.engine.fault.poisoned <= set(exclusion.ids) == trainer.feed.excluded
+    before = trainer.skipped_steps
+    for _ in range(8):
+        trainer.train_step(next(batches))
+    assert trainer.skipped_steps == before
+    assert trainer.overrides[-1]["kind"] == "skip_utterances"
+    assert trainer.skip_failed_batches(50, source="test").ids == ()  # nothing failed since

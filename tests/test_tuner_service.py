@@ -234,13 +234,31 @@ def test_old_history_updates_the_window_but_triggers_nothing(client: redis.Redis
     assert read(client, run_id, Stream.COMMANDS, Command) == []
 
 
-def test_non_finite_steps_roll_back_then_lower_lr(client: redis.Redis, run_id: str) -> None:
+def test_non_finite_steps_skip_the_failed_batches_first(client: redis.Redis,
+                                                         run_id: str) -> None:
     for step in range(5):
         finite = step < 2
         message = step_metrics(run_id, step, grad=2.0 if finite else float("nan")).model_copy(
             update={"finite": finite})
         publish(client, run_id, Stream.METRICS, message)
     drive(service(client, run_id))
+    commands = read(client, run_id, Stream.COMMANDS, Command)
+    assert [(c.action, c.value) for c in commands] == [("skip_failed_batches", 50.0)]
+    records = read(client, run_id, Stream.ACTIONS, ActionRecord)
+    assert [(r.command.action, r.trigger.rule) for r in records] == [
+        ("skip_failed_batches", "bad_batches")]
+
+
+def test_non_finite_steps_roll_back_then_lower_lr(client: redis.Redis, run_id: str) -> None:
+    """With the skip switched off (``skip_lookback = 0``), as the rule was before it."""
+    for step in range(5):
+        finite = step < 2
+        message = step_metrics(run_id, step, grad=2.0 if finite else float("nan")).model_copy(
+            update={"finite": finite})
+        publish(client, run_id, Stream.METRICS, message)
+    no_skip = CONFIG.model_copy(update={"non_finite": CONFIG.non_finite.model_copy(
+        update={"skip_lookback": 0})})
+    drive(service(client, run_id, config=no_skip))
     commands = read(client, run_id, Stream.COMMANDS, Command)
     assert [(c.action, c.value) for c in commands] == [("rollback", None), ("set_lr", 5e-4)]
     assert len({c.command_id for c in commands}) == 2

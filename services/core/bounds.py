@@ -33,6 +33,9 @@ GATE_POS_WEIGHT_MAX = 100.0
 SPIKE_GUARD_OFF = 0.0
 SPIKE_GUARD_MIN = 3.0
 SPIKE_GUARD_MAX = 1000.0
+# skip_failed_batches: how many recent steps' failed batches to leave out.
+SKIP_LOOKBACK_MIN = 1.0
+SKIP_LOOKBACK_MAX = 10_000.0
 # The LR a schedule decays to by default and the lowest the tuner lowers it to: below it a
 # Tacotron2 learns too slowly to matter, so a plateau there stops the run instead. Commands
 # from a person may still go down to LR_MIN.
@@ -75,6 +78,7 @@ VALUE_BOUNDS: Mapping[str, Bounds] = MappingProxyType({
     "set_grad_clip": Bounds(GRAD_CLIP_MIN, GRAD_CLIP_MAX),
     "set_gate_positive_weight": Bounds(GATE_POS_WEIGHT_MIN, GATE_POS_WEIGHT_MAX),
     "set_spike_guard": Bounds(SPIKE_GUARD_MIN, SPIKE_GUARD_MAX, off=SPIKE_GUARD_OFF),
+    "skip_failed_batches": Bounds(SKIP_LOOKBACK_MIN, SKIP_LOOKBACK_MAX),
 })
 if set(VALUE_BOUNDS) != VALUE_ACTIONS:  # pragma: no cover - guards an edit of either list
     raise RuntimeError("VALUE_BOUNDS must bound exactly schemas.VALUE_ACTIONS")

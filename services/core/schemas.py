@@ -215,9 +215,10 @@ class ProbeReport(BaseModel):
 
 CommandAction = Literal["set_lr", "set_guided_attention_weight", "set_grad_clip", "rollback",
                         "checkpoint_now", "pause", "resume", "stop",
-                        "set_gate_positive_weight", "set_spike_guard"]
+                        "set_gate_positive_weight", "set_spike_guard", "skip_failed_batches"]
 VALUE_ACTIONS = frozenset({"set_lr", "set_guided_attention_weight", "set_grad_clip",
-                           "set_gate_positive_weight", "set_spike_guard"})
+                           "set_gate_positive_weight", "set_spike_guard",
+                           "skip_failed_batches"})
 CommandSource = Literal["tuner", "bot", "api", "test"]
 MAX_NOTE_CHARS = 280
 

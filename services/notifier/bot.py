@@ -91,7 +91,7 @@ log = logging.getLogger(__name__)
 MUTATING: dict[str, CommandAction] = {
     "pause": "pause", "resume": "resume", "stop": "stop", "lr": "set_lr",
     "ga": "set_guided_attention_weight", "gate": "set_gate_positive_weight",
-    "spikeguard": "set_spike_guard", "rollback": "rollback",
+    "spikeguard": "set_spike_guard", "rollback": "rollback", "skip": "skip_failed_batches",
 }
 DEFAULT_ACTIONS = 5
 MAX_ACTIONS = 20
@@ -103,7 +103,7 @@ MINUTE_S = 60.0
 # them (int() refuses more than 4300 digits; MAX_ACTIONS has two).
 ACTIONS_COUNT = re.compile(r"[0-9]{1,6}")
 BOT_MENU = ("status", "report", "alignment", "sample", "actions", "pause", "resume", "stop",
-            "lr", "ga", "gate", "spikeguard", "rollback", "help")
+            "lr", "ga", "gate", "spikeguard", "skip", "rollback", "help")
 
 Speaker = Callable[[Path, str, str, str], Sample]
 
@@ -541,7 +541,8 @@ async def on_simple(message: TgMessage, command: CommandObject, ctx: BotContext)
 
 
 async def on_value(message: TgMessage, command: CommandObject, ctx: BotContext) -> None:
-    """/lr VALUE [run], /ga VALUE [run], /gate VALUE [run], /spikeguard FACTOR [run]."""
+    """/lr VALUE [run], /ga VALUE [run], /gate VALUE [run], /spikeguard FACTOR [run],
+    /skip STEPS [run]."""
     name = command.command.lower()
     args = _args(command)
     value = _parse_value(args[0]) if args else None
@@ -680,7 +681,7 @@ def build_router(ctx: BotContext) -> Router:
     register(on_actions, CommandFilter("actions"))
     register(on_sample, CommandFilter("sample"))
     register(on_simple, CommandFilter("pause", "resume", "rollback"), flags=mutating)
-    register(on_value, CommandFilter("lr", "ga", "gate", "spikeguard"), flags=mutating)
+    register(on_value, CommandFilter("lr", "ga", "gate", "spikeguard", "skip"), flags=mutating)
     register(on_stop, CommandFilter("stop"), flags=mutating)
     register(on_unknown, F.text.startswith("/"))  # last: only what nothing else took
     # Every button changes something: /stop's, or a proposal's.

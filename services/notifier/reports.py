@@ -234,6 +234,8 @@ MESSAGES: dict[Language, dict[str, str]] = {
                 "/spikeguard ФАКТОР — не применять шаги, где норма градиента больше "
                 "ФАКТОР × медиана недавних (всплески), напр. /spikeguard 10; 0 — выключить"
                 "{admin}\n"
+                "/skip ШАГИ — больше не обучаться на фразах из батчей, на которых шаги "
+                "за последние ШАГИ шагов сломались (NaN, всплеск), напр. /skip 50{admin}\n"
                 "/rollback — откат к последнему исправному чекпойнту{admin}\n"
                 "/help — эта справка",
         "help_admin": " (админы)",
@@ -250,6 +252,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "usage_lr": "/lr ЗНАЧЕНИЕ [запуск], напр. /lr 1e-4",
         "usage_ga": "/ga ЗНАЧЕНИЕ [запуск], напр. /ga 2",
         "usage_gate": "/gate ЗНАЧЕНИЕ [запуск], напр. /gate 20",
+        "usage_skip": "/skip ШАГИ [запуск], напр. /skip 50",
         "usage_spikeguard": "/spikeguard ФАКТОР [запуск], напр. /spikeguard 10 (0 — выключить)",
         "usage_actions": "/actions [N] [запуск], N от 1 до {max}",
         "rejected_value": "❗ Команда не отправлена: {reason}",
@@ -425,6 +428,8 @@ MESSAGES: dict[Language, dict[str, str]] = {
                 "e.g. /gate 20{admin}\n"
                 "/spikeguard FACTOR — withhold steps whose grad norm exceeds FACTOR x the "
                 "recent median (spikes), e.g. /spikeguard 10; 0 switches it off{admin}\n"
+                "/skip STEPS — stop training on the utterances of the batches whose steps "
+                "failed (NaN, spike) in the last STEPS steps, e.g. /skip 50{admin}\n"
                 "/rollback — roll back to the last healthy checkpoint{admin}\n"
                 "/help — this help",
         "help_admin": " (admins)",
@@ -441,6 +446,7 @@ MESSAGES: dict[Language, dict[str, str]] = {
         "usage_lr": "/lr VALUE [run], e.g. /lr 1e-4",
         "usage_ga": "/ga VALUE [run], e.g. /ga 2",
         "usage_gate": "/gate VALUE [run], e.g. /gate 20",
+        "usage_skip": "/skip STEPS [run], e.g. /skip 50",
         "usage_spikeguard": "/spikeguard FACTOR [run], e.g. /spikeguard 10 (0 switches it off)",
         "usage_actions": "/actions [N] [run], N from 1 to {max}",
         "rejected_value": "❗ Not sent: {reason}",

@@ -225,6 +225,13 @@ class CommandHandler:
                 skipped = f"; {exclusion.describe()}" if exclusion is not None else ""
                 return reply("applied", f"rolled back to {info.file}{skipped}", float(step),
                              float(info.step))
+            case "skip_failed_batches":
+                before = len(trainer.feed.excluded)
+                exclusion = trainer.skip_failed_batches(value, source)
+                if not exclusion.ids:
+                    return reply("rejected", exclusion.describe())
+                return reply("applied", exclusion.describe(), float(before),
+                             float(len(trainer.feed.excluded)))
             case "checkpoint_now":
                 info = trainer.checkpointing.try_save(trainer)
                 if info is None:

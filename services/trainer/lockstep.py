@@ -154,6 +154,9 @@ def replay(trainer: Trainer, call: SetterCall) -> None:
             getattr(trainer, call.action)(call.value, call.source)
         case "rollback":
             trainer.rollback(call.source, checkpoint=call.checkpoint)
+        case "skip_failed_batches":  # each rank leaves out its own failed batches
+            assert call.value is not None
+            trainer.skip_failed_batches(call.value, call.source)
         case _:  # pragma: no cover - both ends run the same code
             raise ValueError(f"unknown setter call {call.action!r}")
 

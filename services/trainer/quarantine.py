@@ -45,15 +45,15 @@ class Exclusion:
     def describe(self) -> str:
         """One line for the command's ack, the audit trail and the log."""
         if not self.steps:
-            return "no failed step since that checkpoint: nothing skipped"
+            return "no failed step in that stretch: nothing skipped"
         if not self.enabled:
-            return (f"{len(self.steps)} failed steps undone; their utterances are not "
+            return (f"{len(self.steps)} failed steps; their utterances are not "
                     "skipped (run.skip_failed_batches is off)")
         steps = ", ".join(map(str, self.steps[:8])) + (" ..." if len(self.steps) > 8 else "")
         reasons = ", ".join(sorted(set(self.reasons)))
         shown = ", ".join(self.ids[:6]) + (" ..." if len(self.ids) > 6 else "")
         text = (f"skipping {len(self.ids)} utterances from now on ({shown}): the batches of "
-                f"the {len(self.steps)} failed steps undone ({reasons} at step {steps})")
+                f"the {len(self.steps)} failed steps ({reasons} at step {steps})")
         if self.capped:
             text += f"; {self.capped} more not skipped (the cap, run.skip_max_share, is reached)"
         return text
@@ -74,8 +74,9 @@ class Quarantine:
         self.failed.append(FailedBatch(step, tuple(ids), reason))
 
     def exclude_undone(self, back_to: int, excluded: set[str]) -> Exclusion:
-        """The run went back to step ``back_to``: add the utterances of the failed steps
-        from there on to ``excluded`` (up to the cap) and forget those steps."""
+        """Add the utterances of the failed steps from ``back_to`` on to ``excluded`` (up to
+        the cap) and forget those steps: after a rollback to ``back_to``, or when the
+        tuner skips the failed batches of the last steps."""
         undone = [f for f in self.failed if f.step >= back_to]
         self.failed = deque((f for f in self.failed if f.step < back_to),
                             maxlen=MAX_FAILED_BATCHES)
@@ -89,5 +90,6 @@ class Quarantine:
         self.last = Exclusion(tuple(new), tuple(f.step for f in undone),
                               tuple(f.reason for f in undone), capped, self.enabled)
         if undone and self.enabled:
-            log.warning("rollback to step %d: %s", back_to, self.last.describe())
+            log.warning("failed steps from step %d on: %s", max(back_to, 0),
+                        self.last.describe())
         return self.last

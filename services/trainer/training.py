@@ -68,7 +68,7 @@ from services.trainer.lockstep import (
 from services.trainer.model import Tacotron2, count_parameters
 from services.trainer.probes import ProbeSummary
 from services.trainer.probing import Probing, make_probe_runner
-from services.trainer.quarantine import Quarantine
+from services.trainer.quarantine import Exclusion, Quarantine
 from services.trainer.run_folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -320,6 +320,18 @@ class Trainer:
         before = self.engine.spike_guard.factor
         self.engine.spike_guard.set_factor(value)
         return self._applied("set_spike_guard", before, value, source)
+
+    def skip_failed_batches(self, lookback: float, source: str = "api") -> Exclusion:
+        """Leave out, from now on, the utterances of the steps that failed in the last
+        ``lookback`` steps, without rolling back: non-finite and withheld steps never moved
+        the weights, so the data is all there is to fix (services/trainer/quarantine.py)."""
+        excluded = len(self.feed.excluded)
+        exclusion = self.quarantine.exclude_undone(self.step - int(lookback), self.feed.excluded)
+        if exclusion.ids:
+            self._record_override("skip_utterances", float(excluded),
+                                  float(len(self.feed.excluded)), source)
+        self.control.share(SetterCall("skip_failed_batches", lookback, source))
+        return exclusion
 
     def rollback(self, source: str = "api", checkpoint: LoadedCheckpoint | None = None
                  ) -> CheckpointInfo | None:

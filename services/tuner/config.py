@@ -144,10 +144,14 @@ class PlateauRule(_Section):
 
 
 class NonFiniteRule(_Section):
-    """Repeated non-finite steps: roll back to the last good checkpoint, then lower the LR."""
+    """Repeated non-finite steps: leave out the batches they failed on; if non-finite steps
+    go on after that, roll back to the last good checkpoint and lower the LR."""
 
     window: int = Field(20, ge=1, description="n: the last n steps are judged")
     min_count: int = Field(3, ge=1, description="k: fire when >= k of them were not finite")
+    skip_lookback: int = Field(
+        50, ge=0, description="first answer: skip_failed_batches over the last N steps "
+                              "(0: roll back at once, as before)")
     lr_factor: float = Field(0.5, gt=0, lt=1)
     cooldown_steps: int = Field(200, ge=1)
 

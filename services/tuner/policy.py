@@ -36,6 +36,7 @@ from services.tuner.state import STOPPED, RunWindow
 
 RULE_RESTARTS = "restarts"
 RULE_NON_FINITE = "non_finite"
+RULE_BAD_BATCHES = "bad_batches"  # the non_finite rule's first answer: leave the data out
 RULE_GRAD_NORM = "grad_norm"
 RULE_SPIKES = "spikes"
 RULE_PLATEAU = "plateau"
@@ -252,18 +253,40 @@ def _restarts(b: _Builder) -> list[Decision]:
 
 
 def _non_finite(b: _Builder) -> list[Decision]:
-    """Repeated non-finite steps: rollback, then a lower LR (in that order)."""
+    """Repeated non-finite steps: first leave out the batches they failed on; if they go on
+    after that, roll back and lower the LR (in that order).
+
+    The trainer never applies a non-finite update, so the weights are as good as before
+    the burst: what failed is data (a corrupt recording) or numerics. Skipping the failed
+    batches costs nothing; a rollback costs the steps since the checkpoint and a lower LR
+    slows the rest of the run, so they wait until the skip has shown it was not the data.
+    """
     cfg = b.config.non_finite
-    recent = b.window.last_metrics(cfg.window)
+    window = b.window
+    skipped_at = window.memory.last_fired.get(RULE_BAD_BATCHES)
+    if window.rule_in_flight(RULE_BAD_BATCHES):
+        return []
+    recent = window.last_metrics(cfg.window)
+    skip_fresh = skipped_at is not None and \
+        window.memory.latest_step - skipped_at < cfg.cooldown_steps
+    if skip_fresh:  # only the steps after the skip tell whether it helped
+        recent = [message for message in recent if message.step > skipped_at]
     bad = sum(1 for message in recent if not message.finite)
     if bad < cfg.min_count:
         return []
+    measure = Measure(metric="non_finite", before=float(bad), target=1.0,
+                      recovered_when="below")
+    if cfg.skip_lookback and not skip_fresh:
+        if not b.can_command(RULE_BAD_BATCHES, ("skip_failed_batches",), cfg.cooldown_steps):
+            return []
+        trigger = Trigger(rule=RULE_BAD_BATCHES, metric="non_finite_steps", value=float(bad),
+                          threshold=float(cfg.min_count), window=len(recent))
+        return [b.command(RULE_BAD_BATCHES, trigger, "skip_failed_batches",
+                          float(cfg.skip_lookback), measure)]
     if not b.can_command(RULE_NON_FINITE, ("rollback", "set_lr"), cfg.cooldown_steps):
         return []
     trigger = Trigger(rule=RULE_NON_FINITE, metric="non_finite_steps", value=float(bad),
                       threshold=float(cfg.min_count), window=len(recent))
-    measure = Measure(metric="non_finite", before=float(bad), target=1.0,
-                      recovered_when="below")
     decisions = [b.command(RULE_NON_FINITE, trigger, "rollback", measure=measure)]
     new_lr = b.lowered_lr(cfg.lr_factor)
     if new_lr is not None:

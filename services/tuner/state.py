@@ -33,7 +33,8 @@ from services.tuner.config import TunerConfig
 # Which trainer setting a value command changes; two rules never move one knob at once.
 KNOB_OF_ACTION = {"set_lr": "lr", "set_guided_attention_weight": "ga_weight",
                   "set_grad_clip": "clip", "set_gate_positive_weight": "gate_weight",
-                  "set_spike_guard": "spike_guard", "rollback": "weights"}
+                  "set_spike_guard": "spike_guard", "rollback": "weights",
+                  "skip_failed_batches": "data"}
 PROBES_KEPT = 8  # probe passes remembered per run: enough to see a trend
 # Latch set by any stop command: nothing more is commanded until the run starts again.
 STOPPED = "stopped"
