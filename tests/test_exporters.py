@@ -112,6 +112,19 @@ def test_observer_counts_deltas_and_restarts_the_plateau_on_rollback() -> None:
     assert value("smart_tuner_trainer_steps_since_loss_improved", {"run": "r"}) == 0
 
 
+def test_observer_exports_failing_checkpoints() -> None:
+    metrics = TrainerMetrics()
+    observer = PrometheusObserver(metrics, "r")
+    value = metrics.registry.get_sample_value
+    for event in ("checkpoint_failed", "checkpoint_failed"):
+        observer.on_lifecycle(None, event, "disk full", {})  # type: ignore[arg-type]
+    assert value("smart_tuner_trainer_checkpoint_failures_total", {"run": "r"}) == 2
+    assert value("smart_tuner_trainer_checkpoint_failing", {"run": "r"}) == 1
+    observer.on_lifecycle(None, "checkpoint_recovered", "", {})  # type: ignore[arg-type]
+    assert value("smart_tuner_trainer_checkpoint_failing", {"run": "r"}) == 0
+    assert value("smart_tuner_trainer_checkpoint_failures_total", {"run": "r"}) == 2
+
+
 def test_observer_exports_the_publishers_health() -> None:
     """Redis refusing writes, and a publisher thread that had to be restarted, show in the
     trainer's metrics: errors by kind, the outage's start, restarts, the thread alive."""
@@ -255,4 +268,4 @@ def test_every_alert_is_labelled_and_described() -> None:
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
     critical = {n for n, r in _rules().items() if r["labels"]["severity"] == "critical"}
     assert critical == {"GradNormRedFlag", "AlignmentRedFlag", "TrainerCrashLoop",
-                        "LossPlateau"}
+                        "LossPlateau", "CheckpointsFailing"}

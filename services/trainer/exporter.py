@@ -69,6 +69,12 @@ class TrainerMetrics:
                                     ["run"], registry=r)
         self.paused = Gauge("smart_tuner_trainer_paused", "1 while paused by a command",
                             ["run"], registry=r)
+        self.checkpoint_failures = Counter(
+            "smart_tuner_trainer_checkpoint_failures",
+            "Checkpoint saves that failed (disk full, quota, I/O error)", ["run"], registry=r)
+        self.checkpoint_failing = Gauge(
+            "smart_tuner_trainer_checkpoint_failing",
+            "1 from a failed checkpoint save until one is written again", ["run"], registry=r)
         self.buffered = Gauge("smart_tuner_bus_buffered_messages",
                               "Telemetry waiting in the publisher's buffer", ["run"],
                               registry=r)
@@ -230,10 +236,16 @@ class PrometheusObserver(TrainingObserver):
 
     def on_lifecycle(self, trainer: Trainer, event: str, detail: str,
                      data: dict[str, Any]) -> None:
-        """Paused / resumed, and the restart counts as the run (re)starts."""
+        """Paused / resumed, checkpoint saves failing and recovered, and the restart counts
+        as the run (re)starts."""
         run = self.run_id
         if event in ("paused", "resumed"):
             self.metrics.paused.labels(run).set(1 if event == "paused" else 0)
+        if event == "checkpoint_failed":
+            self.metrics.checkpoint_failures.labels(run).inc()
+            self.metrics.checkpoint_failing.labels(run).set(1)
+        if event == "checkpoint_recovered":
+            self.metrics.checkpoint_failing.labels(run).set(0)
         if event == "run_started":
             state = trainer.run_state
             self.metrics.restarts.labels(run).set(state.restarts)
