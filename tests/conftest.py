@@ -116,6 +116,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
+def rc(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the test Redis that deletes, afterwards, every key of the run ids a test
+    appends to ``rc.made`` and takes them out of the runs set."""
+    client = redis.Redis.from_url(redis_url)
+    made: list[str] = []
+    client.made = made  # type: ignore[attr-defined]
+    yield client
+    for run_id in made:
+        keys = list(client.scan_iter(match=f"{PREFIX}:{run_id}:*"))
+        if keys:
+            client.delete(*keys)
+        client.srem(RUNS_KEY, run_id)
+    client.close()
+
+
+@pytest.fixture
 def run_id() -> str:
     """A fresh run id, so tests sharing one Redis never see each other's streams."""
     import uuid

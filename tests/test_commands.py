@@ -10,6 +10,7 @@ from services.core.bus import Publisher, connect
 from services.core.schemas import Ack, Command, decode, encode
 from services.core.streams import Stream, stream_key
 from services.trainer.commands import CommandHandler
+from services.trainer.faults import FaultInjector, FaultPlan
 from services.trainer.training import Trainer
 
 pytestmark = pytest.mark.slow
@@ -189,21 +190,13 @@ def test_redis_outage_never_stops_training(small_corpus, small_config, tmp_path,
     publisher.close(0.5)
 
 
-def test_skip_failed_batches_is_acked_with_what_it_left_out(rig, run_id, monkeypatch):
+def test_skip_failed_batches_is_acked_with_what_it_left_out(rig, run_id):
     trainer, handler, client, publisher = rig
     nothing = _send(client, run_id, action="skip_failed_batches", value=50.0)
     _handle(handler, trainer)
-    forward = trainer.engine.forward
-
-    def nan_loss(batch, step):
-        output, terms = forward(batch, step)
-        terms.total = terms.total * float("nan")
-        return output, terms
-
-    monkeypatch.setattr(trainer.engine, "forward", nan_loss)
+    trainer.engine.fault = FaultInjector(FaultPlan.parse(f"nan_loss:start={trainer.step}"))
     failed = next(trainer._batches())
     trainer.train_step(failed)
-    monkeypatch.undo()
     skip = _send(client, run_id, action="skip_failed_batches", value=50.0)
     _handle(handler, trainer)
     acks = _acks(client, run_id, publisher)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -29,20 +28,6 @@ from tests.test_tuner_service import CONFIG, publish, step_metrics
 
 RETENTION_S = 14 * DAY_S
 GRACE_S = 120
-
-
-@pytest.fixture
-def rc(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    made: list[str] = []
-    client.made = made  # type: ignore[attr-defined]
-    yield client
-    for run_id in made:
-        keys = list(client.scan_iter(match=f"{PREFIX}:{run_id}:*"))
-        if keys:
-            client.delete(*keys)
-        client.srem(RUNS_KEY, run_id)
-    client.close()
 
 
 def new_run(rc: redis.Redis, prefix: str) -> str:

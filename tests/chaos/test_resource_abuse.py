@@ -32,20 +32,6 @@ RENDERS_PER_CLIENT = 3
 
 
 @pytest.fixture
-def rc(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    made: list[str] = []
-    client.made = made  # type: ignore[attr-defined]
-    yield client
-    for run_id in made:
-        keys = list(client.scan_iter(match=f"{PREFIX}:{run_id}:*"))
-        if keys:
-            client.delete(*keys)
-        client.srem(RUNS_KEY, run_id)
-    client.close()
-
-
-@pytest.fixture
 def base_url(redis_url: str) -> Iterator[str]:
     app_client = redis.Redis.from_url(redis_url)
     limits = ApiLimits(renders_per_client=RENDERS_PER_CLIENT, renders_total=100,
