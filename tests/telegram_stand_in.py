@@ -16,6 +16,10 @@ connections) can be injected for the next calls of a method.
 
 The module is also a pytest plugin: ``tests/conftest.py`` lists it in ``pytest_plugins`` so
 the ``telegram`` fixture is available to every test.
+
+Run as a program it is the Telegram container of the compose smoke run
+(deploy/docker/docker-compose.ci.yml): ``python telegram_stand_in.py --host 0.0.0.0 --port
+8081`` serves until stopped, and ``GET /_calls`` lists the calls it recorded as JSON.
 """
 
 from __future__ import annotations
@@ -34,8 +38,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from aiohttp import web
+
+try:
+    import pytest
+except ImportError:  # served from the app image (the compose smoke run), which has no pytest
+    pytest = None  # type: ignore[assignment]
 
 TEST_TOKEN = "12345:FAKE-test-token-for-the-stand-in-not-real"  # never a real one
 
@@ -299,8 +307,9 @@ def _wav_duration(data: bytes) -> int:
 class TelegramStandIn:
     """A Telegram Bot API stand-in for ``token``, served on a free port of 127.0.0.1."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0) -> None:
         self.token = token
+        self.host, self.requested_port = host, port
         self.bot_id = int(token.split(":", 1)[0])
         self._state = _State()
         self._update_ids = itertools.count(FIRST_UPDATE_ID)
@@ -385,12 +394,21 @@ class TelegramStandIn:
         self._stopping = asyncio.Event()
         app = web.Application(client_max_size=MAX_UPLOAD_BYTES + 1024 * 1024)
         app.router.add_route("*", "/bot{token}/{method}", self._handle)
+        app.router.add_get("/_calls", self._calls_json)
         self._runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                                      access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, self.requested_port)
         await site.start()
         self._port = int(self._runner.addresses[0][1])
+
+    async def _calls_json(self, request: web.Request) -> web.Response:
+        """The recorded calls (method, status, parameters) as JSON, for a caller outside."""
+        return web.json_response([
+            {"method": call.method, "status": call.status, "at": call.at,
+             "params": {key: value if isinstance(value, int | float | bool | None)
+                        else str(value) for key, value in call.params.items()}}
+            for call in self.calls()])
 
     async def _shutdown(self) -> None:
         assert self._stopping is not None and self._runner is not None
@@ -944,8 +962,33 @@ class TelegramStandIn:
         return self._store_edit(chat_id, message_id, message, {}, self._markup(params))
 
 
-@pytest.fixture
 def telegram() -> Iterator[TelegramStandIn]:
     """A started Telegram stand-in for ``TEST_TOKEN``; stopped after the test."""
     with TelegramStandIn(TEST_TOKEN) as standin:
         yield standin
+
+
+if pytest is not None:
+    telegram = pytest.fixture(telegram)
+
+
+def main() -> None:
+    """Serve the stand-in until SIGTERM or SIGINT (the compose smoke run's container)."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--token", default=TEST_TOKEN)
+    options = parser.parse_args()
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    with TelegramStandIn(options.token, options.host, options.port) as standin:
+        print(f"Telegram stand-in on {options.host}:{standin._port}", flush=True)
+        stopped.wait()
+
+
+if __name__ == "__main__":
+    main()

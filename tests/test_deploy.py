@@ -30,6 +30,14 @@ from services.notifier.config import NotifierSettings
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 CPU_OVERRIDE = ROOT / "deploy" / "docker" / "docker-compose.cpu.yml"
+CI_OVERRIDE = ROOT / "deploy" / "docker" / "docker-compose.ci.yml"
+CI_IMAGES = ROOT / "deploy" / "docker" / "ci"
+SMOKE = ROOT / "scripts" / "compose-smoke.sh"
+SMOKE_CHECKS = ROOT / "scripts" / "compose_smoke_check.py"
+BASE_IMAGE_SCRIPT = ROOT / "scripts" / "docker-base-image.sh"
+CI_RUN = ROOT / ".ci" / "run"
+STAND_IN = ROOT / "tests" / "telegram_stand_in.py"
+LOCAL_BASE = "smart-tuner/debian-base:bookworm"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 ENTRYPOINT = ROOT / "deploy" / "docker" / "entrypoint.sh"
@@ -50,16 +58,23 @@ SECRET_NAME = re.compile(r"TOKEN|PASSWORD|SECRET")
 
 # --------------------------------------------------------------------------- helpers
 
-def _resolve(project: Path, *files: Path) -> dict[str, Any]:
-    """``docker-compose config`` of ``files`` with ``project`` as the project directory."""
+def _config(project: Path, *files: Path,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``docker-compose config`` of ``files`` with ``project`` as the project directory, in
+    a bare environment plus ``env``."""
     exe = shutil.which("docker-compose")
     assert exe, "docker-compose is not installed (scripts/setup.sh installs it)"
     argv = [exe, "--project-directory", str(project)]
     for file in files:
         argv += ["-f", str(file)]
-    env = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
-    result = subprocess.run([*argv, "config"], capture_output=True, text=True, env=env,
-                            cwd=project, timeout=120, check=False)
+    bare = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
+    return subprocess.run([*argv, "config"], capture_output=True, text=True,
+                          env={**bare, **(env or {})}, cwd=project, timeout=120, check=False)
+
+
+def _resolve(project: Path, *files: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The resolved configuration of ``files`` (see ``_config``)."""
+    result = _config(project, *files, env=env)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -156,13 +171,31 @@ def test_redis_requires_the_password_from_env(base, tmp_path) -> None:
     assert _flag(redis["command"], "--requirepass") == REDIS_PASSWORD
     assert redis["environment"]["REDISCLI_AUTH"] == REDIS_PASSWORD
     shutil.copy(ENV_EXAMPLE, tmp_path / ".env")  # REDIS_PASSWORD= left empty
-    exe = shutil.which("docker-compose")
-    assert exe
-    env = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
-    result = subprocess.run([exe, "--project-directory", str(tmp_path), "-f", str(COMPOSE),
-                             "config"], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=120, check=False)
+    result = _config(tmp_path, COMPOSE)
     assert result.returncode != 0 and "REDIS_PASSWORD" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("files", [(COMPOSE,), (COMPOSE, CPU_OVERRIDE)], ids=["gpu", "cpu"])
+def test_first_run_without_env_says_what_to_do(tmp_path, files) -> None:
+    """No .env at all (a fresh checkout): compose stops before anything starts, and says
+    to copy .env.example and fill in the password, not only that a file is missing."""
+    result = _config(tmp_path, *files)
+    assert result.returncode != 0
+    assert "REDIS_PASSWORD is not set" in result.stderr, result.stderr
+    assert "cp .env.example .env" in result.stderr, result.stderr
+    # With the example settings and a password the stack resolves (the base fixture).
+
+
+def test_stack_env_file_replaces_env(tmp_path) -> None:
+    """STACK_ENV_FILE names the services' settings file instead of .env (the smoke run's
+    scratch settings): its SMART_TUNER_* values reach every Python service."""
+    settings = tmp_path / "elsewhere" / "smoke.env"
+    settings.parent.mkdir()
+    settings.write_text(f"REDIS_PASSWORD={REDIS_PASSWORD}\nSMART_TUNER_LOG_LEVEL=DEBUG\n")
+    config = _resolve(tmp_path, COMPOSE, CPU_OVERRIDE,
+                      env={"STACK_ENV_FILE": str(settings), "REDIS_PASSWORD": REDIS_PASSWORD})
+    for name in ("trainer-cpu", "diagnostics", "tuner", "api", "notifier"):
+        assert config["services"][name]["environment"]["SMART_TUNER_LOG_LEVEL"] == "DEBUG"
 
 
 def test_python_services_share_the_image_and_reach_redis(base) -> None:
@@ -393,7 +426,8 @@ def test_env_example_lists_every_variable_the_stack_reads() -> None:
     interpolated = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)",
                                   COMPOSE.read_text() + CPU_OVERRIDE.read_text()))
     assert interpolated, "no ${VAR} found: the pattern is stale"
-    assert interpolated <= set(example), interpolated - set(example)
+    # STACK_ENV_FILE names the settings file itself (instead of .env): it cannot live in it.
+    assert interpolated - {"STACK_ENV_FILE"} <= set(example), interpolated - set(example)
 
 
 def test_env_example_names_only_real_settings() -> None:
@@ -517,3 +551,214 @@ def test_dockerignore_keeps_out_local_and_secret_files_but_not_the_build_inputs(
                  "deploy/docker/entrypoint.sh"):
         hits = [pattern for pattern in excludes if fnmatch(path, pattern.removeprefix("**/"))]
         assert hits == [], (path, hits)
+
+
+# --------------------------------------------------------------------------- CI: the smoke run
+
+@pytest.fixture(scope="module")
+def ci(project: Path) -> dict[str, Any]:
+    # compose wants the CI images' build context to exist (the app image's is `.`).
+    context = project / CI_IMAGES.relative_to(ROOT)
+    context.parent.mkdir(parents=True, exist_ok=True)
+    if not context.exists():
+        context.symlink_to(CI_IMAGES, target_is_directory=True)
+    return _resolve(project, COMPOSE, CPU_OVERRIDE, CI_OVERRIDE)
+
+
+CI_EQUIVALENTS = {  # service -> (Debian package, binary the image's entry point runs)
+    "redis": ("redis-server", None),
+    "prometheus": ("prometheus", "/usr/bin/prometheus"),
+    "alertmanager": ("prometheus-alertmanager", "/usr/bin/prometheus-alertmanager"),
+}
+
+
+def test_ci_override_builds_every_image_from_the_local_debian_base(ci, cpu, project) -> None:
+    """No registry in CI: the app image FROM the debootstrap base, and Redis, Prometheus and
+    Alertmanager from Debian's packages, all built with the host's network."""
+    services = ci["services"]
+    for name in ("trainer-cpu", "diagnostics", "tuner", "api", "notifier"):
+        build = services[name]["build"]
+        assert build["network"] == "host", name
+        assert build["args"]["PYTHON_IMAGE"] == LOCAL_BASE, name
+        # The user's build, otherwise: same Dockerfile, same torch.
+        assert {key: value for key, value in build.items() if key not in ("network", "args")} \
+            == {key: value for key, value in cpu["services"][name]["build"].items()
+                if key != "args"}, name
+        assert build["args"]["TORCH_VERSION"] == cpu["services"][name]["build"]["args"][
+            "TORCH_VERSION"]
+    for name, (package, binary) in CI_EQUIVALENTS.items():
+        service = services[name]
+        assert service["image"].startswith(f"smart-tuner/ci-{name}:"), name
+        assert service["build"]["network"] == "host"
+        assert service["build"]["args"] == {"BASE_IMAGE": LOCAL_BASE}
+        context = Path(service["build"]["context"])
+        assert context == project / CI_IMAGES.relative_to(ROOT), name
+        dockerfile = CI_IMAGES / service["build"]["dockerfile"]
+        text = dockerfile.read_text()
+        lines = [line.strip() for line in text.splitlines() if not line.startswith("#")]
+        assert f"ARG BASE_IMAGE={LOCAL_BASE}" in lines and "FROM ${BASE_IMAGE}" in lines
+        assert re.search(rf"apt-get install[^\n]*\s{re.escape(package)}(\s|$)", text), name
+        users = [line.split()[1] for line in lines if line.startswith("USER ")]
+        assert users and users[-1] not in ("root", "0"), name
+        if binary:  # the official images' entry point is the binary: same command lines
+            assert f'ENTRYPOINT ["{binary}"]' in lines, name
+    assert (ROOT / "deploy" / "docker" / "ci").is_dir()
+    assert LOCAL_BASE in BASE_IMAGE_SCRIPT.read_text()
+    assert "debootstrap --variant=minbase" in BASE_IMAGE_SCRIPT.read_text()
+
+
+def test_ci_override_keeps_the_real_configuration(ci, cpu) -> None:
+    """The CI equivalents run docker-compose.yml's own command lines, volumes, health
+    checks and dependencies; only the image, the build and the check interval differ."""
+    changed = {"image", "build", "healthcheck", "profiles"}
+    for name in ("redis", "prometheus", "alertmanager", "trainer-cpu", "diagnostics", "tuner",
+                 "api", "notifier"):
+        ours, theirs = ci["services"][name], cpu["services"][name]
+        for key in set(ours) | set(theirs):
+            if key in changed or (name == "trainer-cpu" and key == "command") or \
+                    (name == "notifier" and key in ("environment", "depends_on")):
+                continue
+            assert ours.get(key) == theirs.get(key), (name, key)
+        check = {key: value for key, value in ours["healthcheck"].items()
+                 if key not in ("interval", "start_period")}
+        assert check == {key: value for key, value in theirs["healthcheck"].items()
+                         if key not in ("interval", "start_period")}, name
+        assert ours["healthcheck"]["interval"] == "5s"
+    notifier = ci["services"]["notifier"]
+    assert notifier["depends_on"] == {**cpu["services"]["notifier"]["depends_on"],
+                                      "telegram": {"condition": "service_healthy"}}
+
+
+def test_ci_override_leaves_grafana_out_and_says_why(ci) -> None:
+    """Grafana has no Debian package and no registry is reachable: the smoke run does not
+    start it (profile `grafana`), and the override and the script say so."""
+    assert ci["services"]["grafana"]["profiles"] == ["grafana"]
+    started = [name for name, service in ci["services"].items() if "profiles" not in service]
+    assert sorted(started) == sorted(["redis", "trainer-cpu", "diagnostics", "tuner", "api",
+                                      "notifier", "prometheus", "alertmanager", "telegram"])
+    assert "Grafana has no Debian package" in CI_OVERRIDE.read_text()
+    assert "Grafana is not started" in SMOKE.read_text()
+    # The smoke run counts the same containers.
+    assert f'-eq {len(started)} ]' in SMOKE.read_text()
+
+
+def test_ci_trainer_injects_a_lasting_grad_spike(ci, cpu) -> None:
+    from services.core.indicators import GRAD_NORM_RED_FLAG
+    from services.trainer.faults import FaultPlan
+
+    command = ci["services"]["trainer-cpu"]["command"]
+    base_command = cpu["services"]["trainer-cpu"]["command"]
+    assert command[:len(base_command)] == base_command  # the CPU trainer, plus small steps
+    plan = FaultPlan.parse(_flag(command, "--inject-fault"))
+    assert plan.kind == "grad_spike" and plan.every is None
+    assert plan.steps >= 100_000 and plan.factor >= 100  # lasts until the stack goes down
+    assert GRAD_NORM_RED_FLAG <= 100
+    rules = (ROOT / "deploy" / "prometheus" / "rules" / "smart-tuner.yml").read_text()
+    assert "alert: GradNormRedFlag" in rules
+    assert int(_flag(command, "--eval-every")) <= 10  # snapshots for the worker, soon
+
+
+def test_ci_telegram_stand_in_is_the_notifiers_telegram(ci, project) -> None:
+    telegram = ci["services"]["telegram"]
+    assert telegram["image"] == ci["services"]["api"]["image"]  # the app image, no build
+    assert "build" not in telegram
+    mounts = _mounts(telegram)
+    assert mounts["/app/telegram_stand_in.py"] == (str(project / STAND_IN.relative_to(ROOT)),
+                                                   True)
+    command = telegram["command"]
+    assert command[:2] == ["python", "/app/telegram_stand_in.py"]
+    assert _flag(command, "--host") == "0.0.0.0"
+    port = _flag(command, "--port")
+    env = ci["services"]["notifier"]["environment"]
+    assert env["SMART_TUNER_NOTIFIER_TELEGRAM_API_URL"] == f"http://telegram:{port}"
+    assert _probe_url(telegram) == f"http://127.0.0.1:{port}/_calls"
+    # The smoke run's bot token is the stand-in's default one.
+    from tests.telegram_stand_in import TEST_TOKEN
+
+    assert f'BOT_TOKEN="{TEST_TOKEN}"' in SMOKE.read_text()
+
+
+def test_stand_in_serves_as_a_program() -> None:
+    """``python tests/telegram_stand_in.py`` (the stand-in container's command) serves the
+    Bot API and lists what it received at /_calls, and stops on SIGTERM."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    from tests.telegram_stand_in import TEST_TOKEN
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, str(STAND_IN), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/bot{TEST_TOKEN}/getMe", timeout=5) as r:
+                    assert json.load(r)["ok"] is True
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.2)
+        with urllib.request.urlopen(f"{base}/_calls", timeout=5) as answer:
+            calls = json.load(answer)
+        assert [call["method"] for call in calls] == ["getMe"]
+        assert calls[0]["status"] == 200
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+
+
+def test_smoke_run_is_wired_into_ci_after_the_tests() -> None:
+    lines = [line.strip() for line in CI_RUN.read_text().splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    tests_at = next(i for i, line in enumerate(lines) if line.startswith(".venv/bin/pytest"))
+    smoke_at = next(i for i, line in enumerate(lines)
+                    if line.startswith("bash scripts/compose-smoke.sh"))
+    assert tests_at < smoke_at
+    assert not lines[tests_at].startswith("exec")  # the smoke run must still come
+    assert "|| tests_rc=$?" in lines[tests_at] and "|| smoke_rc=$?" in lines[smoke_at]
+    assert any('exit "$smoke_rc"' in line for line in lines[smoke_at:])  # its failure counts
+    assert any('exit "$tests_rc"' in line for line in lines[smoke_at:])
+
+
+def test_smoke_script_runs_the_three_files_and_every_check() -> None:
+    text = SMOKE.read_text()
+    for file in (COMPOSE, CPU_OVERRIDE, CI_OVERRIDE):
+        assert f"-f {file.relative_to(ROOT)}" in text, file
+    assert "STACK_ENV_FILE" in text  # never the local .env
+    assert "down -v" in text and "com.docker.compose.project" in text
+    assert "--iptables=false" in text
+    checks = SMOKE_CHECKS.read_text()
+    for name in ("runs", "targets", "rules", "command", "alert", "telegram"):
+        assert f"check {name} " in text, name
+        assert f'"{name}": check_{name}' in checks, name
+    for stream in ("metrics", "attention", "diagnostics"):
+        assert f"wait_stream {stream} " in text, stream
+    assert "check targets trainer tuner diagnostics api notifier prometheus" in text
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in prometheus["scrape_configs"]}
+    assert jobs == {"trainer", "tuner", "diagnostics", "api", "notifier", "prometheus"}
+    # The torch wheel: the one scripts/setup.sh finds, never an unpinned index build.
+    assert 'torch-"$TORCH_VERSION"+cpu-' in text and 'torch-"$TORCH_VERSION"+cpu-' in \
+        SETUP.read_text()
+
+
+def test_build_inputs_go_into_the_context_but_not_into_git() -> None:
+    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    excludes = [pattern for pattern in patterns if not pattern.startswith("!")]
+    for path in ("deploy/build-inputs", "deploy/build-inputs/torch-2.13.0+cpu-x.whl",
+                 "deploy/build-inputs/ca-certificates.crt", "deploy/docker/ci"):
+        assert [p for p in excludes if fnmatch(path, p.removeprefix("**/"))] == [], path
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "/deploy/build-inputs/*.whl" in ignored and "/deploy/build-inputs/*.crt" in ignored
+    text = DOCKERFILE.read_text()
+    assert "COPY deploy/build-inputs/ /tmp/build-inputs/" in text
+    assert '/tmp/build-inputs/torch-"${TORCH_VERSION}"+cpu-*.whl' in text
+    assert (ROOT / "deploy" / "build-inputs" / "README.md").is_file()
