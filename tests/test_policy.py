@@ -809,13 +809,14 @@ def test_a_gate_that_never_fires_gets_a_heavier_positive_weight() -> None:
     assert raised.value == 10.0  # 5 * gate_factor
     assert raised.trigger.metric == "probes_stop" and raised.trigger.value == 25.0
     assert raised.trigger.threshold == indicators.PROBES_STOP_OK
-    # Within the cooldown, more failing passes change nothing.
+    # Within the cooldown, more failing passes change nothing...
     sim.run(20)
     assert only(sim.probes(30.0, never_fired=8), RULE_INFERENCE) == []
-    # After it, a second failing pass since the raise raises it again.
+    # ... until it ends: that one failing pass since the raise raises it again (the raise
+    # did not do), without waiting for a second pass.
     sim.run(50)
-    (again,) = only(sim.probes(30.0, never_fired=8), RULE_INFERENCE)
-    assert again.value == 20.0
+    (again,) = [d for d in only(sim.decisions, RULE_INFERENCE) if d.step > raised.step]
+    assert again.value == 20.0 and again.step == raised.step + 50
     # The effect is read from the next probe pass.
     effect = measure_effect(sim.window, again.measure, again.step, 100)
     assert math.isnan(effect.after) and not effect.recovered
@@ -882,7 +883,18 @@ def test_a_pass_where_no_probe_stopped_is_evidence_enough() -> None:
     (again,) = only(sim.probes(0.0, never_fired=12), RULE_INFERENCE)
     assert again.value == 20.0
     sim.run(60)
-    assert only(sim.probes(40.0, never_fired=7), RULE_INFERENCE) == []  # partial: wait
+    (third,) = only(sim.probes(40.0, never_fired=7), RULE_INFERENCE)  # raised, not there yet
+    assert third.value == 40.0  # capped
+
+
+def test_a_partial_failure_waits_for_a_second_pass_before_the_first_raise() -> None:
+    sim = Sim(gate=5.0)
+    sim.run(400)
+    sim.report(0.9)
+    assert only(sim.probes(40.0, never_fired=7), RULE_INFERENCE) == []
+    sim.run(60)
+    (raised,) = only(sim.probes(40.0, never_fired=7), RULE_INFERENCE)
+    assert raised.value == 10.0
 
 
 def test_a_gate_weight_far_too_low_jumps_to_one_that_stops_after_one_pass() -> None:

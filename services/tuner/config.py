@@ -189,7 +189,8 @@ class InferenceRule(_Section):
     stop_below: float = Field(indicators.PROBES_STOP_OK, gt=0, le=100, description=
                               "% of probes that stop, below which a pass counts as failing")
     min_passes: int = Field(2, ge=1, description="consecutive failing probe passes to act "
-                            "(one where no probe stopped at all is enough)")
+                            "(one is enough where no probe stopped at all, and after a "
+                            "raise of this rule that has not made them stop yet)")
     gate_factor: float = Field(2.0, gt=1, description="gate positive weight *= factor")
     rescue_weight: float = Field(command_bounds.GATE_WEIGHT_STOPS, gt=0, description="a "
                                  "weight the presets stop with: a lower one jumps here, "

@@ -544,11 +544,14 @@ def _inference(b: _Builder) -> list[Decision]:
             or latest.scores.diagonality <= cfg.aligned_above:
         return []
     since = window.memory.last_fired.get(RULE_INFERENCE, -1)
-    # Below the weight the presets stop with, or when not one probe stopped, one pass that
-    # fails this way is evidence enough (a second pass costs a whole checkpoint interval).
+    # Below the weight the presets stop with, when not one probe stopped, or when an earlier
+    # raise has not yet made them stop, one pass that fails this way is evidence enough (a
+    # second pass costs a whole checkpoint interval: on long recorded sentences the weight
+    # a corpus needs can be 4x the presets', three raises away).
     recent = [p for p in window.probes if p.checkpoint_step > since]
     flat = bool(recent) and recent[-1].stop_percent == 0.0
-    wanted = 1 if weight < cfg.rescue_weight or flat else cfg.min_passes
+    escalating = since >= 0
+    wanted = 1 if weight < cfg.rescue_weight or flat or escalating else cfg.min_passes
     passes = recent[-wanted:]
     if len(passes) < wanted or not all(
             p.stop_percent < cfg.stop_below
