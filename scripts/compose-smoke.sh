@@ -219,7 +219,7 @@ fi
 for service in trainer-cpu diagnostics tuner api notifier redis prometheus alertmanager; do
   uid=$(compose exec -T "$service" id -u | tr -dc '0-9')
   [ -n "$uid" ] && [ "$uid" != 0 ] || fail "$service runs as root (uid ${uid:-?})"
-  lines=$(compose logs --no-color "$service" | grep -c "^${PROJECT//-/.}_${service}_1 *|" || true)
+  lines=$(compose logs --no-color "$service" | grep -c "^${service}_1 *|" || true)
   [ "$lines" -gt 0 ] || fail "docker-compose logs $service shows nothing"
   echo "[smoke]   $service: uid $uid, $lines log lines"
 done
@@ -235,7 +235,18 @@ stage "grad spike fires GradNormRedFlag"
 check telegram GradNormRedFlag "$CHAT"
 stage "alert reaches the Telegram stand-in"
 
-# ---- down -v leaves nothing ------------------------------------------------------------------
+# ---- stop, then down -v leaves nothing ---------------------------------------------------------
+# SIGTERM, as `docker-compose stop` sends it: the trainer finishes its step, checkpoints and
+# exits (it takes 15-20 s here, within its 2 min stop_grace_period); none may need a SIGKILL.
+trainer_id=$(compose ps -q trainer-cpu)
+compose stop --timeout 90
+# shellcheck disable=SC2046
+codes=$(docker inspect --format '{{.Name}} {{.State.ExitCode}}' $(compose ps -q))
+echo "$codes" | sed 's#^/#[smoke]   exit code of #'
+! grep -q " 137$" <<<"$codes" || fail "a service had to be killed (exit 137): $codes"
+[ "$(docker inspect --format '{{.State.ExitCode}}' "$trainer_id")" = 0 ] \
+  || fail "the trainer did not stop cleanly on SIGTERM"
+stage "stop: every service ends on SIGTERM"
 compose down -v --remove-orphans --timeout 20
 filter="label=com.docker.compose.project=$PROJECT"
 left="$(docker ps -aq --filter "$filter")$(docker volume ls -q --filter "$filter")"
