@@ -816,7 +816,7 @@ def test_a_gate_that_never_fires_gets_a_heavier_positive_weight() -> None:
     # did not do), without waiting for a second pass.
     sim.run(50)
     (again,) = [d for d in only(sim.decisions, RULE_INFERENCE) if d.step > raised.step]
-    assert again.value == 20.0 and again.step == raised.step + 50
+    assert again.value == 40.0 and again.step == raised.step + 50  # 10 * escalate_factor
     # The effect is read from the next probe pass.
     effect = measure_effect(sim.window, again.measure, again.step, 100)
     assert math.isnan(effect.after) and not effect.recovered
@@ -880,11 +880,10 @@ def test_a_pass_where_no_probe_stopped_is_evidence_enough() -> None:
                      "set_gate_positive_weight")
     assert raised.value == 10.0
     sim.run(60)
-    (again,) = only(sim.probes(0.0, never_fired=12), RULE_INFERENCE)
-    assert again.value == 20.0
+    (again,) = only(sim.probes(40.0, never_fired=7), RULE_INFERENCE)  # raised, not there yet
+    assert again.value == 40.0  # 10 * escalate_factor, at the cap
     sim.run(60)
-    (third,) = only(sim.probes(40.0, never_fired=7), RULE_INFERENCE)  # raised, not there yet
-    assert third.value == 40.0  # capped
+    assert only(sim.probes(40.0, never_fired=7), RULE_INFERENCE) == []  # at the cap
 
 
 def test_a_partial_failure_waits_for_a_second_pass_before_the_first_raise() -> None:

@@ -192,6 +192,9 @@ class InferenceRule(_Section):
                             "(one is enough where no probe stopped at all, and after a "
                             "raise of this rule that has not made them stop yet)")
     gate_factor: float = Field(2.0, gt=1, description="gate positive weight *= factor")
+    escalate_factor: float = Field(4.0, gt=1, description="... and *= this when a raise of "
+                                   "this rule has not made the probes stop yet (a second "
+                                   "doubling costs another checkpoint interval)")
     rescue_weight: float = Field(command_bounds.GATE_WEIGHT_STOPS, gt=0, description="a "
                                  "weight the presets stop with: a lower one jumps here, "
                                  "after one failing pass")

@@ -560,7 +560,8 @@ def _inference(b: _Builder) -> list[Decision]:
         return []
     if not b.can_command(RULE_INFERENCE, ("set_gate_positive_weight",), cfg.cooldown_steps):
         return []
-    new = min(cap, cfg.rescue_weight if weight < cfg.rescue_weight else weight * cfg.gate_factor)
+    factor = cfg.escalate_factor if escalating else cfg.gate_factor
+    new = min(cap, cfg.rescue_weight if weight < cfg.rescue_weight else weight * factor)
     trigger = Trigger(rule=RULE_INFERENCE, metric="probes_stop",
                       value=passes[-1].stop_percent, threshold=cfg.stop_below,
                       window=passes[-1].checkpoint_step - passes[0].checkpoint_step)
