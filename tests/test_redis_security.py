@@ -8,6 +8,7 @@ import logging
 import shutil
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from services.core.redis_url import celery_ssl_conf, mask_url, redact
 from services.core.schemas import Event, decode
 from services.core.settings import ConfigError, load_settings
 from services.core.streams import Stream, stream_key
-from services.launcher.redis_server import RedisProcess, free_port
+from services.launcher.redis_server import RedisProcess, answers, free_port
 from services.launcher.up import choose_redis
 
 SECRET = "hunter2-s3cret-value"  # a test value, nowhere real
@@ -92,6 +93,34 @@ def test_up_starts_a_private_redis_with_a_password_and_never_logs_it(tmp_path,
         assert "***" in logged
     finally:
         choice.stop()
+
+
+def test_up_warns_about_an_existing_redis_without_a_password(tmp_path, caplog) -> None:
+    """The private one always has a password; one that is already there and answers
+    without is the user's to fix: ``up`` says so, and uses it."""
+    port = free_port()
+    open_server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                    "--save", "", "--appendonly", "no"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "guarded").mkdir()
+    guarded = RedisProcess(tmp_path / "guarded").start()
+    try:
+        open_url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while not answers(open_url):
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        with caplog.at_level(logging.WARNING, logger="services.launcher.up"):
+            choice = choose_redis(open_url, tmp_path)
+        assert choice.origin == "existing" and "without a password" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="services.launcher.up"):
+            assert choose_redis(guarded.url, tmp_path).origin == "existing"
+        assert "without a password" not in caplog.text
+    finally:
+        open_server.terminate()
+        open_server.wait(10)
+        guarded.stop()
 
 
 # --------------------------------------------------------------------------- rediss://

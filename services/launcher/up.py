@@ -65,6 +65,11 @@ def choose_redis(url: str | None, workdir: Path) -> RedisChoice:
     """The configured Redis if it answers, else one we start (see the module docstring)."""
     url = url or DEFAULT_REDIS_URL
     if answers(url):
+        if not urlsplit(url).password and not url.startswith("unix://"):
+            # It answered without one: anyone who reaches it can command the trainer.
+            log.warning("the Redis at %s takes commands without a password: anyone who can "
+                        "reach it can pause, roll back or stop the run; set requirepass "
+                        "there and put the password in SMART_TUNER_REDIS_URL", mask_url(url))
         return RedisChoice(url, "existing")
     if shutil.which("redis-server"):
         # The configured password if there is one (so a client configured with it works),
