@@ -228,7 +228,18 @@ def _describe(event: TelegramObject) -> str:
     return type(event).__name__
 
 
-class AccessMiddleware(BaseMiddleware):
+Handler = Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]]
+
+
+class _Guard(BaseMiddleware):
+    """A check on who is asking: the bot's context, and the limiter its refusals go through."""
+
+    def __init__(self, ctx: BotContext, limiter: RefusalLimiter):
+        self.ctx = ctx
+        self.limiter = limiter
+
+
+class AccessMiddleware(_Guard):
     """The allow-list, on every kind of update (an outer middleware: before any filter).
 
     Chat and user come from aiogram's event context, which is filled the same way for a
@@ -237,13 +248,8 @@ class AccessMiddleware(BaseMiddleware):
     instead of a silent failure.
     """
 
-    def __init__(self, ctx: BotContext, limiter: RefusalLimiter):
-        self.ctx = ctx
-        self.limiter = limiter
-
-    async def __call__(self, handler: Callable[[TelegramObject, dict[str, Any]],
-                                               Awaitable[Any]],
-                       event: TelegramObject, data: dict[str, Any]) -> Any:
+    async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]
+                       ) -> Any:
         ctx = self.ctx
         chat, user = data.get(EVENT_CHAT_KEY), data.get(EVENT_FROM_USER_KEY)
         chat_id = chat.id if chat is not None else None
@@ -263,18 +269,13 @@ class AccessMiddleware(BaseMiddleware):
             return None
 
 
-class AdminMiddleware(BaseMiddleware):
+class AdminMiddleware(_Guard):
     """The admin list, for every handler flagged ``mutating`` (an inner middleware: it runs
     once a handler's filters have matched, so it judges the handler that is about to run,
     however its command was spelled or carried: text, caption, button)."""
 
-    def __init__(self, ctx: BotContext, limiter: RefusalLimiter):
-        self.ctx = ctx
-        self.limiter = limiter
-
-    async def __call__(self, handler: Callable[[TelegramObject, dict[str, Any]],
-                                               Awaitable[Any]],
-                       event: TelegramObject, data: dict[str, Any]) -> Any:
+    async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]
+                       ) -> Any:
         ctx = self.ctx
         admins = ctx.settings.admin_ids
         if not get_flag(data, MUTATING_FLAG) or not admins:
