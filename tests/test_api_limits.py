@@ -14,13 +14,8 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.tuner.api import (
-    KNOWN_METHODS,
-    OTHER_LABEL,
-    ApiLimits,
-    RenderLimiter,
-    create_app,
-)
+from services.tuner.api import KNOWN_METHODS, OTHER_LABEL, create_app
+from services.tuner.limits import ApiLimits, RenderLimiter
 from tests.test_api import (
     AUTH,
     PNG_SIGNATURE,

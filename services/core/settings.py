@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     grafana_user: str | None = Field(default=None, description="basic-auth user")
     grafana_password: SecretStr | None = None
     grafana_token: SecretStr | None = Field(default=None, description="service account token")
-    # Control API limits (services/tuner/api.py): what one client can make it spend.
+    # Control API limits (services/tuner/limits.py): what one client can make it spend.
     api_max_body_bytes: int = Field(
         default=64 * 1024, ge=1024, description="largest request body; 413 beyond it")
     api_renders_per_client: int = Field(

@@ -20,7 +20,8 @@ import redis
 from services.core.retention import DAY_S, RetentionSweeper
 from services.core.schemas import Event, encode
 from services.core.streams import PREFIX, RUNS_KEY, Stream, stream_key
-from services.tuner.api import KNOWN_METHODS, OTHER_LABEL, ApiLimits, create_app
+from services.tuner.api import KNOWN_METHODS, OTHER_LABEL, create_app
+from services.tuner.limits import ApiLimits
 from tests.fault_table import FaultRecord
 from tests.test_api import TOKEN, add, register, serve, snapshot
 from tests.test_api_limits import HUGE, raw_request, samples
